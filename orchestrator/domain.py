@@ -1,0 +1,74 @@
+"""Plain data the whole orchestrator speaks: requests, model facts, stage calls, results."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One image-generation request, independent of how it arrived (CLI, Kafka)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    scheduler: str = "pndm"
+    guidance_scale: float = 7.5
+    #: None means the model's default size
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    #: encoded image file (PNG/JPEG) for img2img; None for text-to-image
+    init_image: bytes | None = None
+    strength: float = 0.8
+    request_id: str = ""
+    #: absolute deadline, seconds since the epoch; None means no deadline
+    deadline: float | None = None
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """What the orchestrator knows about the deployed models, read from Triton configs."""
+
+    latent_channels: int
+    vae_scale_factor: int
+    scaling_factor: float
+    #: pixel sizes must be multiples of this
+    size_multiple: int
+    default_height: int
+    default_width: int
+    text_max_length: int
+    text_embed_dim: int
+    scheduler_config: Mapping[str, Any]
+    #: model name -> version string, reported in results
+    versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    unet_max_batch_size: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCall:
+    """One call a job needs from a stage model: inputs carry a leading batch dimension."""
+
+    model: str
+    inputs: Mapping[str, npt.NDArray[Any]]
+    outputs: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedImages:
+    """The finished output of a job: uint8 HWC images plus facts for the result record."""
+
+    images: tuple[npt.NDArray[np.uint8], ...]
+    seed: int
+    timings_ms: Mapping[str, float]
+    model_versions: Mapping[str, str]
+    prompt_truncated: bool = False
