@@ -1,0 +1,4 @@
+from orchestrator.cli import main
+import sys
+
+sys.exit(main())
