@@ -1,4 +1,5 @@
-from orchestrator.cli import main
 import sys
+
+from orchestrator.cli import main
 
 sys.exit(main())

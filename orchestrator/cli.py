@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator.domain import GenerationRequest
+from orchestrator.errors import OrchestratorError
 
 
 def _add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -19,11 +24,79 @@ def _add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     build.add_argument("--max-batch-size", type=int, default=64)
 
 
+def add_request_arguments(p: argparse.ArgumentParser) -> None:
+    """The request flags, named the same in every command that takes a request."""
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument(
+        "--scheduler",
+        default="pndm",
+        help="alias (ddim, euler, euler_a, dpmpp_2m, "
+        "dpmpp_2m_karras, pndm, heun, lms, unipc) or a diffusers class name",
+    )
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--width", type=int, default=None, help="default: the model's size")
+    p.add_argument("--height", type=int, default=None, help="default: the model's size")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--init-image", type=Path, default=None, help="image file for img2img")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img strength in (0, 1]")
+    p.add_argument("--out", type=Path, required=True, help="PNG path (x.png, x-1.png, ...)")
+
+
+def request_from_args(args: argparse.Namespace, request_id: str = "") -> GenerationRequest:
+    init = None
+    if args.init_image is not None:
+        init = Path(args.init_image).read_bytes()
+    return GenerationRequest(
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        steps=args.steps,
+        scheduler=args.scheduler,
+        guidance_scale=args.guidance,
+        width=args.width,
+        height=args.height,
+        num_images=args.num_images,
+        init_image=init,
+        strength=args.strength,
+        request_id=request_id,
+    )
+
+
+def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gen = sub.add_parser("generate", help="one image against a running Triton, no Kafka")
+    gen.add_argument("--triton-url", default="127.0.0.1:8001", help="Triton gRPC host:port")
+    gen.add_argument("--timeout", type=float, default=60.0, help="deadline of each model call (s)")
+    add_request_arguments(gen)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_models(sub)
+    _add_generate(sub)
     return parser
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from orchestrator.adapters.triton import TritonClient
+    from orchestrator.core.pipeline import start_job
+    from orchestrator.executor import run_job
+    from orchestrator.imagefile import encode_png, output_paths
+
+    request = request_from_args(args)
+    async with TritonClient(args.triton_url, timeout_s=args.timeout) as client:
+        info = await client.model_info()
+        job = start_job(request, info)
+        result = await run_job(job, client)
+    paths = output_paths(args.out, len(result.images))
+    for path, image in zip(paths, result.images, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode_png(image))
+        print(path)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -32,13 +105,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "models":
         from orchestrator.models.build import run_build
 
-        return run_build(
+        code: int = run_build(
             preset=args.preset,
             source=args.source,
             out=args.out,
             target=args.target,
             max_batch_size=args.max_batch_size,
         )
+        return code
+    if args.command == "generate":
+        try:
+            return asyncio.run(_generate(args))
+        except OrchestratorError as exc:
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
     parser.error(f"unknown command {args.command}")
     return 2
 

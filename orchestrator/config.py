@@ -1,0 +1,91 @@
+"""Configuration: environment variables `ORCHESTRATOR_*` and an optional env file.
+
+Every field is documented and bounded; the whole set is validated at start, so a bad value
+stops the service with a message naming the field instead of failing later.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from orchestrator.core.validation import Limits
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ORCHESTRATOR_",
+        env_file=None,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    # --- Triton -----------------------------------------------------------------------------
+    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port")
+    triton_ssl: bool = Field(False, description="use TLS for the Triton gRPC channel")
+    triton_timeout_s: float = Field(60.0, gt=0, le=3600, description="deadline of one Triton call")
+
+    # --- Kafka ------------------------------------------------------------------------------
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "OAUTHBEARER"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    client_id: str = "diffusion-orchestrator"
+    group_id: str = Field("diffusion-orchestrator", description="consumer group of the service")
+    request_topic: str = "diffusion.requests"
+    response_topic: str = "diffusion.responses"
+    dlq_topic: str = "diffusion.requests.dlq"
+    max_record_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024, description="largest record produced"
+    )
+
+    # --- Avro -------------------------------------------------------------------------------
+    schema_dir: Path | None = Field(None, description="local schema directory (default: avro/)")
+    schema_registry_url: str | None = Field(None, description="Confluent schema registry URL")
+
+    # --- Results ----------------------------------------------------------------------------
+    inline_image_max_bytes: int = Field(
+        1024 * 1024, ge=0, description="PNGs up to this size travel inline, larger go to output_dir"
+    )
+    output_dir: Path = Field(Path("out/images"), description="shared volume for large images")
+
+    # --- Work -------------------------------------------------------------------------------
+    max_in_flight: int = Field(32, ge=1, le=4096, description="jobs processed at once")
+    batching: Literal["step", "naive"] = Field("step", description="UNet step batching mode")
+    batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest wait to fill a batch")
+
+    # --- Request limits ---------------------------------------------------------------------
+    max_steps: int = Field(150, ge=1, le=1000)
+    max_width: int = Field(1024, ge=8, le=8192)
+    max_height: int = Field(1024, ge=8, le=8192)
+    max_num_images: int = Field(4, ge=1, le=64)
+    max_prompt_chars: int = Field(4096, ge=1)
+    max_init_image_bytes: int = Field(8 * 1024 * 1024, ge=1)
+
+    # --- Operations -------------------------------------------------------------------------
+    http_port: int = Field(9400, ge=0, le=65535, description="metrics and health endpoints")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_steps=self.max_steps,
+            max_width=self.max_width,
+            max_height=self.max_height,
+            max_num_images=self.max_num_images,
+            max_prompt_chars=self.max_prompt_chars,
+            max_init_image_bytes=self.max_init_image_bytes,
+        )
+
+
+def load_settings(env_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from the environment, an optional env file, then explicit overrides."""
+    if env_file is not None:
+        overrides["_env_file"] = env_file
+    return Settings(**overrides)

@@ -1,0 +1,111 @@
+"""In-memory fakes of the orchestrator's ports, shipped for users' own tests.
+
+`TorchStageRunner` executes the same StageCalls the Triton models answer, with the diffusers
+components themselves, in process: the pipeline can be tested against diffusers without servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from orchestrator.domain import ModelInfo, StageCall
+from orchestrator.errors import InferenceError, TransientInferenceError
+
+
+class TorchStageRunner:
+    """Runs stage calls with diffusers/transformers components (CPU, float32)."""
+
+    def __init__(self, tokenizer: Any, text_encoder: Any, vae: Any, unet: Any) -> None:
+        self.tokenizer = tokenizer
+        self.text_encoder = text_encoder
+        self.vae = vae
+        self.unet = unet
+        self.calls: list[StageCall] = []
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> TorchStageRunner:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        return cls(
+            CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval(),
+            AutoencoderKL.from_pretrained(path, subfolder="vae").eval(),
+            UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval(),
+        )
+
+    def model_info(self, scheduler_config: dict[str, Any]) -> ModelInfo:
+        f = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        ups = 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return ModelInfo(
+            latent_channels=int(self.unet.config.in_channels),
+            vae_scale_factor=f,
+            scaling_factor=float(self.vae.config.scaling_factor),
+            size_multiple=f * ups,
+            default_height=int(self.unet.config.sample_size) * f,
+            default_width=int(self.unet.config.sample_size) * f,
+            text_max_length=int(self.tokenizer.model_max_length),
+            text_embed_dim=int(self.text_encoder.config.hidden_size),
+            scheduler_config=json.loads(json.dumps(scheduler_config)),
+        )
+
+    @torch.no_grad()
+    def run(self, call: StageCall) -> dict[str, npt.NDArray[Any]]:
+        self.calls.append(call)
+        x = call.inputs
+        if call.model == "encode_prompt":
+            prompts = [row[0].decode("utf-8") for row in x["prompt"]]
+            ids = self.tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids
+            return {"text_embeds": self.text_encoder(ids)[0].numpy()}
+        if call.model == "vae_encoder":
+            image = torch.from_numpy(x["image"])
+            return {"latent_mean": self.vae.encode(image).latent_dist.mean.numpy()}
+        if call.model == "unet":
+            out = self.unet(
+                torch.from_numpy(x["sample"]),
+                torch.from_numpy(x["timestep"]).reshape(-1),
+                encoder_hidden_states=torch.from_numpy(x["encoder_hidden_states"]),
+            ).sample
+            return {"noise_pred": out.numpy()}
+        if call.model == "vae_decoder":
+            return {"image": self.vae.decode(torch.from_numpy(x["latent"])).sample.numpy()}
+        raise InferenceError(f"unknown model {call.model}", stage=call.model)
+
+    async def infer(self, call: StageCall) -> dict[str, npt.NDArray[Any]]:
+        return self.run(call)
+
+
+class FlakyRunner:
+    """Wraps a runner; `fail(call)` decides, per call, whether to raise a transient error."""
+
+    def __init__(self, inner: Any, fail: Callable[[StageCall], bool]) -> None:
+        self.inner = inner
+        self.fail = fail
+        self.failures = 0
+
+    async def infer(self, call: StageCall) -> dict[str, npt.NDArray[Any]]:
+        await asyncio.sleep(0)
+        if self.fail(call):
+            self.failures += 1
+            raise TransientInferenceError(f"{call.model}: injected UNAVAILABLE", stage=call.model)
+        result: dict[str, npt.NDArray[Any]] = await self.inner.infer(call)
+        return result
+
+
+def to_uint8(images: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
+    """diffusers' numpy output ([0, 1] floats, NHWC) to uint8 the way its PIL output does."""
+    out: npt.NDArray[np.uint8] = (images * 255.0).round().astype(np.uint8)
+    return out
