@@ -1,0 +1,325 @@
+"""Write the Triton model repository of docs/model-repository.md from one description.
+
+Both variants come from the same `ModelSpec` list: the CPU variant runs every stage as a
+Python-backend model around ONNX Runtime (the `triton_models/onnx_stage/model.py` template); the
+GPU variant uses TensorRT plans (`convert.sh` builds them from the ONNX files with trtexec). The
+tokenizer is a Python-backend model in both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import orchestrator
+from orchestrator.models.export import ModelFacts, onnx_files
+
+TARGETS = ("cpu", "gpu")
+ENSEMBLE = "encode_prompt"
+MODEL_NAMES = ("tokenizer", "text_encoder", ENSEMBLE, "vae_encoder", "unet", "vae_decoder")
+ONNX_STAGES = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
+DEFAULT_QUEUE_DELAY_US = 1000
+#: ONNX Runtime intra-op threads per CPU stage model; kept low so six models share a few cores
+DEFAULT_ORT_THREADS: Mapping[str, int] = {
+    "text_encoder": 1,
+    "vae_encoder": 1,
+    "unet": 1,
+    "vae_decoder": 1,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    parameters: Mapping[str, str]
+
+
+def template_dir() -> Path:
+    """The `triton_models/` folder of this source tree (model.py templates)."""
+    root = Path(orchestrator.__file__).resolve().parent.parent / "triton_models"
+    if not (root / "onnx_stage" / "model.py").is_file():
+        raise FileNotFoundError(f"Triton model templates not found under {root}")
+    return root
+
+
+def model_specs(facts: ModelFacts, source: str) -> list[ModelSpec]:
+    """Tensors and parameters of every model, in dependency order."""
+    c, length, dim = facts.latent_channels, facts.text_max_length, facts.text_embed_dim
+    vae_params = {
+        "vae_scale_factor": str(facts.vae_scale_factor),
+        "scaling_factor": repr(float(facts.scaling_factor)),
+    }
+    unet_params = {
+        "latent_channels": str(c),
+        "sample_size": str(facts.sample_size),
+        "size_multiple": str(facts.size_multiple),
+        "default_height": str(facts.default_height),
+        "default_width": str(facts.default_width),
+        "scheduler_config": json.dumps(dict(facts.scheduler_config), sort_keys=True),
+        "text_max_length": str(length),
+        "text_embed_dim": str(dim),
+        **vae_params,
+    }
+    prompt = TensorSpec("prompt", "TYPE_STRING", (1,))
+    ids = TensorSpec("input_ids", "TYPE_INT64", (length,))
+    embeds = TensorSpec("text_embeds", "TYPE_FP32", (length, dim))
+    specs = [
+        ModelSpec("tokenizer", (prompt,), (ids,), {"max_length": str(length)}),
+        ModelSpec("text_encoder", (ids,), (embeds,), {}),
+        ModelSpec(ENSEMBLE, (prompt,), (embeds,), {}),
+        ModelSpec(
+            "vae_encoder",
+            (TensorSpec("image", "TYPE_FP32", (3, -1, -1)),),
+            (TensorSpec("latent_mean", "TYPE_FP32", (c, -1, -1)),),
+            vae_params,
+        ),
+        ModelSpec(
+            "unet",
+            (
+                TensorSpec("sample", "TYPE_FP32", (c, -1, -1)),
+                TensorSpec("timestep", "TYPE_FP32", (1,)),
+                TensorSpec("encoder_hidden_states", "TYPE_FP32", (length, dim)),
+            ),
+            (TensorSpec("noise_pred", "TYPE_FP32", (c, -1, -1)),),
+            unet_params,
+        ),
+        ModelSpec(
+            "vae_decoder",
+            (TensorSpec("latent", "TYPE_FP32", (c, -1, -1)),),
+            (TensorSpec("image", "TYPE_FP32", (3, -1, -1)),),
+            vae_params,
+        ),
+    ]
+    return [dataclasses.replace(s, parameters={**s.parameters, "source": source}) for s in specs]
+
+
+def _quote(value: str) -> str:
+    """A protobuf text-format string literal."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _tensors(kind: str, tensors: Sequence[TensorSpec]) -> list[str]:
+    lines = [f"{kind} ["]
+    for i, t in enumerate(tensors):
+        dims = ", ".join(str(d) for d in t.dims)
+        comma = "," if i < len(tensors) - 1 else ""
+        lines += [
+            "  {",
+            f"    name: {_quote(t.name)}",
+            f"    data_type: {t.data_type}",
+            f"    dims: [ {dims} ]",
+            "  }" + comma,
+        ]
+    lines.append("]")
+    return lines
+
+
+def _parameters(params: Mapping[str, str]) -> list[str]:
+    if not params:
+        return []
+    lines = ["parameters ["]
+    items = sorted(params.items())
+    for i, (key, value) in enumerate(items):
+        comma = "," if i < len(items) - 1 else ""
+        lines.append(
+            f"  {{ key: {_quote(key)} value: {{ string_value: {_quote(value)} }} }}{comma}"
+        )
+    lines.append("]")
+    return lines
+
+
+def _ensemble_steps() -> list[str]:
+    return [
+        "ensemble_scheduling {",
+        "  step [",
+        "    {",
+        '      model_name: "tokenizer"',
+        "      model_version: -1",
+        '      input_map { key: "prompt" value: "prompt" }',
+        '      output_map { key: "input_ids" value: "input_ids" }',
+        "    },",
+        "    {",
+        '      model_name: "text_encoder"',
+        "      model_version: -1",
+        '      input_map { key: "input_ids" value: "input_ids" }',
+        '      output_map { key: "text_embeds" value: "text_embeds" }',
+        "    }",
+        "  ]",
+        "}",
+    ]
+
+
+def render_config(
+    spec: ModelSpec,
+    target: str,
+    max_batch_size: int,
+    *,
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+    ort_threads: Mapping[str, int] = DEFAULT_ORT_THREADS,
+) -> str:
+    """The config.pbtxt text of one model for `target` ("cpu" or "gpu")."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
+    params = dict(spec.parameters)
+    lines = [f"name: {_quote(spec.name)}"]
+    if spec.name == ENSEMBLE:
+        lines.append('platform: "ensemble"')
+    elif spec.name == "tokenizer" or target == "cpu":
+        lines.append('backend: "python"')
+        if spec.name in ort_threads:
+            params["ort_intra_op_threads"] = str(ort_threads[spec.name])
+    else:
+        lines.append('platform: "tensorrt_plan"')
+        lines.append('default_model_filename: "model.plan"')
+    lines.append(f"max_batch_size: {max_batch_size}")
+    lines += _tensors("input", spec.inputs)
+    lines += _tensors("output", spec.outputs)
+    if spec.name == ENSEMBLE:
+        lines += _ensemble_steps()
+    else:
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}")
+        kind = "KIND_GPU" if target == "gpu" and spec.name != "tokenizer" else "KIND_CPU"
+        lines.append(f"instance_group [ {{ count: 1 kind: {kind} }} ]")
+    lines += _parameters(params)
+    return "\n".join(lines) + "\n"
+
+
+def _trt_shapes(facts: ModelFacts, stage: str, max_batch_size: int) -> tuple[str, str, str]:
+    """trtexec --minShapes/--optShapes/--maxShapes values for one stage."""
+    unit = facts.size_multiple // facts.vae_scale_factor
+    lat_min, lat_opt, lat_max = unit, facts.sample_size, max(2 * facts.sample_size, unit)
+    f, c, length, dim = (
+        facts.vae_scale_factor,
+        facts.latent_channels,
+        facts.text_max_length,
+        facts.text_embed_dim,
+    )
+    opt_batch = min(max_batch_size, 4)
+
+    def shapes(batch: int, lat: int) -> str:
+        if stage == "text_encoder":
+            return f"input_ids:{batch}x{length}"
+        if stage == "vae_encoder":
+            return f"image:{batch}x3x{lat * f}x{lat * f}"
+        if stage == "unet":
+            return (
+                f"sample:{batch}x{c}x{lat}x{lat},timestep:{batch}x1,"
+                f"encoder_hidden_states:{batch}x{length}x{dim}"
+            )
+        return f"latent:{batch}x{c}x{lat}x{lat}"
+
+    return shapes(1, lat_min), shapes(opt_batch, lat_opt), shapes(max_batch_size, lat_max)
+
+
+def render_convert_script(facts: ModelFacts, max_batch_size: int) -> str:
+    lines = [
+        "#!/usr/bin/env bash",
+        "# Turn each stage's ONNX file into the TensorRT engine Triton loads (model.plan).",
+        "# Run inside the NGC TensorRT or Triton container, on the GPU that will serve the models.",
+        "# Extra trtexec flags (for example --fp16) can be passed in TRTEXEC_FLAGS.",
+        "set -euo pipefail",
+        'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
+        'TRTEXEC="${TRTEXEC:-trtexec}"',
+        "",
+    ]
+    for stage in ONNX_STAGES:
+        low, opt, high = _trt_shapes(facts, stage, max_batch_size)
+        lines += [
+            f'echo "building {stage}/1/model.plan"',
+            '"$TRTEXEC" \\',
+            f'  --onnx="$HERE/{stage}/1/model.onnx" \\',
+            f'  --saveEngine="$HERE/{stage}/1/model.plan" \\',
+            f"  --minShapes={low} \\",
+            f"  --optShapes={opt} \\",
+            f"  --maxShapes={high} \\",
+            "  ${TRTEXEC_FLAGS:-}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def render_gpu_readme(facts: ModelFacts, max_batch_size: int) -> str:
+    return f"""# Triton model repository (GPU, TensorRT)
+
+Same model names and tensors as the CPU variant (see docs/model-repository.md).
+`text_encoder`, `vae_encoder`, `unet` and `vae_decoder` are `tensorrt_plan` models on
+`KIND_GPU`; `tokenizer` stays a Python-backend model on the CPU and `encode_prompt` is the
+ensemble tokenizer -> text_encoder.
+
+Each stage's ONNX file (a copy of `DIR/onnx/<stage>.onnx`) lies at `<stage>/1/model.onnx`.
+Before serving, build the engines on the target GPU inside the NGC container:
+
+    bash convert.sh            # or: TRTEXEC_FLAGS=--fp16 bash convert.sh
+
+Optimization profiles: batch 1..{max_batch_size}; latent side
+{facts.size_multiple // facts.vae_scale_factor}..{2 * facts.sample_size} (optimum
+{facts.sample_size}), i.e. images up to {2 * facts.default_height} pixels. Edit `convert.sh`
+for larger images. Then start Triton with `--model-repository` pointing here.
+"""
+
+
+def write_repository(
+    repo: Path,
+    facts: ModelFacts,
+    onnx_paths: Mapping[str, Path],
+    tokenizer_dir: Path,
+    *,
+    target: str,
+    max_batch_size: int,
+    source: str,
+    queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+) -> list[Path]:
+    """Write the whole repository (replacing any old one); returns the files written."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
+    if max_batch_size < 1:
+        raise ValueError("max_batch_size must be at least 1")
+    templates = template_dir()
+    if repo.exists():
+        shutil.rmtree(repo)
+    written: list[Path] = []
+    for spec in model_specs(facts, source):
+        model_dir = repo / spec.name
+        version = model_dir / "1"
+        version.mkdir(parents=True)
+        config = model_dir / "config.pbtxt"
+        config.write_text(
+            render_config(spec, target, max_batch_size, queue_delay_us=queue_delay_us),
+            encoding="utf-8",
+        )
+        written.append(config)
+        if spec.name == "tokenizer":
+            shutil.copyfile(templates / "tokenizer" / "model.py", version / "model.py")
+            shutil.copytree(tokenizer_dir, version / "tokenizer")
+            written += [version / "model.py", version / "tokenizer"]
+        elif spec.name in onnx_paths:
+            src = onnx_paths[spec.name]
+            for file in onnx_files(src):
+                # the graph itself becomes model.onnx; external data keeps the name it refers to
+                dest = version / ("model.onnx" if file == src else file.name)
+                shutil.copyfile(file, dest)
+                written.append(dest)
+            if target == "cpu":
+                shutil.copyfile(templates / "onnx_stage" / "model.py", version / "model.py")
+                written.append(version / "model.py")
+    if target == "gpu":
+        script = repo / "convert.sh"
+        script.write_text(render_convert_script(facts, max_batch_size), encoding="utf-8")
+        script.chmod(0o755)
+        readme = repo / "README.md"
+        readme.write_text(render_gpu_readme(facts, max_batch_size), encoding="utf-8")
+        written += [script, readme]
+    return written

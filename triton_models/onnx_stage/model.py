@@ -1,0 +1,152 @@
+"""Triton Python-backend model that runs one stage's `model.onnx` with ONNX Runtime.
+
+Copied unchanged into `<model>/1/model.py` for every stage (text_encoder, vae_encoder, unet,
+vae_decoder) by `orchestrator models build`. Input and output names come from the model's
+config.pbtxt and equal the ONNX tensor names.
+
+Batching: Triton's dynamic batcher hands `execute` several requests; requests whose inputs agree
+in every non-batch dimension (and dtype) are concatenated along the batch dimension and run as
+one ONNX Runtime call, then the outputs are split back per request. Requests of other shapes form
+their own groups. A failure answers every affected request with a TritonError; it never raises.
+
+Threads: the `ort_intra_op_threads` parameter (default 1); the environment variable
+`ORCH_ORT_INTRA_OP_THREADS`, when set, overrides it for every model of the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+try:  # present inside the Triton Python backend stub only
+    import triton_python_backend_utils as pb_utils
+except ImportError:  # imported by unit tests for the pure helpers
+    pb_utils = None
+
+THREADS_ENV = "ORCH_ORT_INTRA_OP_THREADS"
+
+
+def group_requests(
+    shapes: list[tuple[tuple[Any, ...], ...]],
+) -> list[list[int]]:
+    """Indices of requests that can share one batch: same non-batch shape and dtype per input.
+
+    `shapes[i]` holds, per input, a key such as (dims after the batch dim..., dtype). Groups keep
+    request order.
+    """
+    groups: dict[tuple[tuple[Any, ...], ...], list[int]] = {}
+    for index, key in enumerate(shapes):
+        groups.setdefault(key, []).append(index)
+    return list(groups.values())
+
+
+def split_points(batch_sizes: list[int]) -> list[int]:
+    """Offsets at which a concatenated output is cut back into per-request pieces."""
+    return [int(x) for x in np.cumsum(batch_sizes)[:-1]]
+
+
+def _parameters(config: dict[str, Any]) -> dict[str, str]:
+    params = config.get("parameters") or {}
+    return {key: str(value.get("string_value", "")) for key, value in params.items()}
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        import onnxruntime as ort
+
+        config = json.loads(args["model_config"])
+        params = _parameters(config)
+        self.model_name = config.get("name", "model")
+        self.input_names = [spec["name"] for spec in config["input"]]
+        self.output_names = [spec["name"] for spec in config["output"]]
+        threads = int(os.environ.get(THREADS_ENV) or params.get("ort_intra_op_threads") or "1")
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = max(threads, 1)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        version_dir = Path(args["model_repository"]) / args["model_version"]
+        onnx_path = version_dir / params.get("onnx_file", "model.onnx")
+        self.session = ort.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"]
+        )
+        onnx_inputs = {i.name for i in self.session.get_inputs()}
+        missing = [n for n in self.input_names if n not in onnx_inputs]
+        if missing:
+            raise RuntimeError(f"{onnx_path} lacks inputs {missing} (has {sorted(onnx_inputs)})")
+
+    def _error(self, message: str) -> Any:
+        return pb_utils.InferenceResponse(
+            output_tensors=[], error=pb_utils.TritonError(f"{self.model_name}: {message}")
+        )
+
+    def _read(self, request: Any) -> tuple[dict[str, np.ndarray], int]:
+        arrays: dict[str, np.ndarray] = {}
+        batch = -1
+        for name in self.input_names:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise ValueError(f"missing input {name!r}")
+            array = tensor.as_numpy()
+            if array.ndim == 0:
+                raise ValueError(f"input {name!r} has no batch dimension")
+            if batch >= 0 and array.shape[0] != batch:
+                raise ValueError(
+                    f"inputs disagree on the batch size ({name!r} has {array.shape[0]}, "
+                    f"expected {batch})"
+                )
+            batch = int(array.shape[0])
+            arrays[name] = array
+        return arrays, batch
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        readable: list[int] = []
+        inputs: list[dict[str, np.ndarray]] = []
+        batches: list[int] = []
+        keys: list[tuple[tuple[Any, ...], ...]] = []
+        for index, request in enumerate(requests):
+            try:
+                arrays, batch = self._read(request)
+            except Exception as exc:
+                responses[index] = self._error(str(exc))
+                continue
+            readable.append(index)
+            inputs.append(arrays)
+            batches.append(batch)
+            keys.append(
+                tuple((*arrays[n].shape[1:], arrays[n].dtype.str) for n in self.input_names)
+            )
+
+        for group in group_requests(keys):
+            members = [readable[g] for g in group]
+            try:
+                if len(group) == 1:
+                    feed = inputs[group[0]]
+                else:
+                    feed = {
+                        name: np.concatenate([inputs[g][name] for g in group], axis=0)
+                        for name in self.input_names
+                    }
+                outputs = self.session.run(self.output_names, feed)
+                cuts = split_points([batches[g] for g in group])
+                pieces = [np.split(out, cuts, axis=0) for out in outputs]
+                for position, request_index in enumerate(members):
+                    tensors = [
+                        pb_utils.Tensor(name, np.ascontiguousarray(pieces[k][position]))
+                        for k, name in enumerate(self.output_names)
+                    ]
+                    responses[request_index] = pb_utils.InferenceResponse(output_tensors=tensors)
+            except Exception as exc:
+                for request_index in members:
+                    responses[request_index] = self._error(f"{type(exc).__name__}: {exc}")
+        return responses
+
+    def finalize(self) -> None:
+        self.session = None
