@@ -1,0 +1,163 @@
+"""Step batching across jobs: many jobs' model calls, one Triton call per compatible group.
+
+`StepBatcher` is itself a StageRunner: a job's loop is the same whether it runs alone against
+Triton (naive mode) or through the batcher. Jobs register while they run; when every registered
+job has a call waiting, the batch goes at once, else after `FlushPolicy.max_wait_s`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+import numpy.typing as npt
+
+from orchestrator.core.batching import Batch, FlushPolicy, merge, pack, split
+from orchestrator.domain import StageCall
+from orchestrator.errors import OrchestratorError
+from orchestrator.executor import StageRunner
+
+Outputs = dict[str, npt.NDArray[Any]]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRecord:
+    """What one executed call carried, for metrics and traces."""
+
+    model: str
+    rows: int
+    members: int
+    duration_s: float
+    ok: bool
+    tags: tuple[object, ...] = ()
+
+
+@dataclasses.dataclass
+class _Waiting:
+    call: StageCall
+    future: asyncio.Future[Outputs]
+    since: float
+    tag: object
+
+
+class StepBatcher:
+    def __init__(
+        self,
+        runner: StageRunner,
+        max_rows: Mapping[str, int],
+        policy: FlushPolicy | None = None,
+        on_batch: Callable[[BatchRecord], None] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.max_rows = dict(max_rows)
+        self.policy = policy or FlushPolicy()
+        self.on_batch = on_batch
+        self._waiting: list[_Waiting] = []
+        self._active = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    @contextlib.asynccontextmanager
+    async def job(self) -> AsyncIterator[None]:
+        """Count a job as active (expected to submit) for as long as the block runs."""
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
+            self._maybe_flush()
+
+    async def infer(self, call: StageCall, tag: object = None) -> Outputs:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Outputs] = loop.create_future()
+        self._waiting.append(_Waiting(call, fut, time.monotonic(), tag))
+        self._maybe_flush()
+        return await fut
+
+    def _maybe_flush(self) -> None:
+        if not self._waiting:
+            return
+        oldest = time.monotonic() - self._waiting[0].since
+        if self.policy.should_flush(len(self._waiting), self._active, oldest):
+            self._flush()
+        elif self._timer is None:
+            delay = max(0.0, self.policy.max_wait_s - oldest)
+            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._maybe_flush()
+
+    def _flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        waiting, self._waiting = self._waiting, []
+        # a caller that gave up (cancelled) no longer needs its call made
+        waiting = [w for w in waiting if not w.future.done()]
+        calls = [w.call for w in waiting]
+        for members in pack(calls, self.max_rows):
+            batch = merge(calls, members)
+            task = asyncio.get_running_loop().create_task(
+                self._run(batch, [waiting[i] for i in members])
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: Batch, members: list[_Waiting]) -> None:
+        start = time.monotonic()
+        try:
+            outputs = await self.runner.infer(batch.call)
+        except Exception as exc:
+            self._record(batch, members, start, ok=False)
+            retriable = isinstance(exc, OrchestratorError) and exc.retriable
+            if len(members) == 1 or retriable:
+                for w in members:
+                    if not w.future.done():
+                        w.future.set_exception(exc)
+                return
+            # a non-retriable failure of a merged call: find the culprit by running each alone,
+            # so that one job's bad input does not fail the others
+            await asyncio.gather(*(self._run_alone(w) for w in members))
+            return
+        self._record(batch, members, start, ok=True)
+        for w, out in zip(members, split(batch, outputs), strict=True):
+            if not w.future.done():
+                w.future.set_result(out)
+
+    async def _run_alone(self, w: _Waiting) -> None:
+        start = time.monotonic()
+        batch = merge([w.call], [0])
+        try:
+            out = await self.runner.infer(w.call)
+        except Exception as exc:
+            self._record(batch, [w], start, ok=False)
+            if not w.future.done():
+                w.future.set_exception(exc)
+            return
+        self._record(batch, [w], start, ok=True)
+        if not w.future.done():
+            w.future.set_result(out)
+
+    def _record(self, batch: Batch, members: list[_Waiting], start: float, ok: bool) -> None:
+        if self.on_batch is None:
+            return
+        n_rows = int(next(iter(batch.call.inputs.values())).shape[0])
+        self.on_batch(
+            BatchRecord(
+                model=batch.call.model,
+                rows=n_rows,
+                members=len(members),
+                duration_s=time.monotonic() - start,
+                ok=ok,
+                tags=tuple(w.tag for w in members),
+            )
+        )

@@ -1,0 +1,98 @@
+"""Batching policy: which waiting calls ride together, and when a batch is flushed. Pure.
+
+Calls are compatible when they go to the same model with the same per-row input shapes and
+dtypes (the batch dimension aside). UNet calls of different requests at different timesteps,
+guidance scales, schedulers and step counts are compatible: timesteps are per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from orchestrator.domain import StageCall
+
+
+def batch_key(call: StageCall) -> Hashable:
+    """Calls with equal keys can be concatenated along the batch dimension."""
+    return (
+        call.model,
+        tuple(sorted((n, a.shape[1:], a.dtype.str) for n, a in call.inputs.items())),
+        call.outputs,
+    )
+
+
+def rows(call: StageCall) -> int:
+    return int(next(iter(call.inputs.values())).shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Members' calls merged into one; `slices` says which output rows belong to whom."""
+
+    call: StageCall
+    members: tuple[int, ...]
+    slices: tuple[slice, ...]
+
+
+def pack(calls: Sequence[StageCall], max_rows: Mapping[str, int]) -> list[list[int]]:
+    """Group call indices into batches: same key, at most max_rows[model] rows each.
+
+    Order is kept (first come, first packed). A call larger than the bound travels alone.
+    """
+    groups: dict[Hashable, list[list[int]]] = {}
+    fill: dict[Hashable, int] = {}
+    order: list[tuple[Hashable, int]] = []
+    for i, call in enumerate(calls):
+        key = batch_key(call)
+        limit = max_rows.get(call.model, 0) or 1 << 30
+        n = rows(call)
+        bins = groups.setdefault(key, [])
+        if not bins or fill[key] + n > limit:
+            bins.append([])
+            fill[key] = 0
+            order.append((key, len(bins) - 1))
+        bins[-1].append(i)
+        fill[key] += n
+    return [groups[key][b] for key, b in order]
+
+
+def merge(calls: Sequence[StageCall], members: Sequence[int]) -> Batch:
+    """Concatenate the members' inputs into one call."""
+    chosen = [calls[i] for i in members]
+    first = chosen[0]
+    if len(chosen) == 1:
+        return Batch(first, tuple(members), (slice(0, rows(first)),))
+    slices = []
+    start = 0
+    for c in chosen:
+        slices.append(slice(start, start + rows(c)))
+        start += rows(c)
+    inputs = {name: np.concatenate([c.inputs[name] for c in chosen]) for name in first.inputs}
+    return Batch(StageCall(first.model, inputs, first.outputs), tuple(members), tuple(slices))
+
+
+def split(
+    batch: Batch, outputs: Mapping[str, npt.NDArray[Any]]
+) -> list[dict[str, npt.NDArray[Any]]]:
+    """Each member's rows of the merged outputs, in member order."""
+    return [{name: arr[s] for name, arr in outputs.items()} for s in batch.slices]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlushPolicy:
+    """When to send what is waiting."""
+
+    max_wait_s: float = 0.002
+
+    def should_flush(self, waiting: int, active: int, oldest_wait_s: float) -> bool:
+        """Flush at once when every active job has submitted; else after max_wait_s."""
+        if waiting == 0:
+            return False
+        if waiting >= active:
+            return True
+        return oldest_wait_s >= self.max_wait_s

@@ -1,0 +1,242 @@
+"""Images made through the real tritonserver equal diffusers' own pipeline's, within 2/255."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import torch
+from PIL import Image
+
+from orchestrator.adapters.triton import TritonClient
+from orchestrator.core.pipeline import start_job
+from orchestrator.core.schedulers import initial_noise, resolve
+from orchestrator.domain import GenerationRequest, ModelInfo
+from orchestrator.executor import run_job
+from orchestrator.testing import to_uint8
+
+pytestmark = pytest.mark.integration
+
+TOLERANCE = 2  # per pixel, out of 255
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models: Path) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    p = StableDiffusionPipeline.from_pretrained(
+        tiny_models / "diffusers", safety_checker=None, requires_safety_checker=False
+    )
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def base_scheduler_config(pipe: Any) -> dict[str, Any]:
+    return dict(pipe.scheduler.config)
+
+
+async def generate(url: str, request: GenerationRequest) -> tuple[ModelInfo, list[Any]]:
+    async with TritonClient(url) as client:
+        info = await client.model_info()
+        job = start_job(request, info)
+        result = await run_job(job, client)
+    return info, list(result.images)
+
+
+def reference(pipe: Any, info: ModelInfo, request: GenerationRequest) -> npt.NDArray[np.uint8]:
+    cls, overrides = resolve(request.scheduler)
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    width = request.width or info.default_width
+    height = request.height or info.default_height
+    f = info.vae_scale_factor
+    shape = (request.num_images, info.latent_channels, height // f, width // f)
+    latents = torch.from_numpy(initial_noise(request.seed, shape))
+    with torch.no_grad():
+        out = pipe(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt or None,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            height=height,
+            width=width,
+            num_images_per_prompt=request.num_images,
+            latents=latents,
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+            output_type="np",
+        ).images
+    return to_uint8(out)
+
+
+CASES = [
+    GenerationRequest(prompt="a photo of a cat", seed=1, steps=4, scheduler="pndm"),
+    GenerationRequest(
+        prompt="a red bicycle", seed=2, steps=5, scheduler="ddim", guidance_scale=5.0
+    ),
+    GenerationRequest(
+        prompt="a lighthouse at dusk",
+        negative_prompt="blurry, low quality",
+        seed=3,
+        steps=4,
+        scheduler="euler",
+        width=96,
+        height=64,
+    ),
+    GenerationRequest(prompt="an astronaut", seed=4, steps=6, scheduler="dpmpp_2m"),
+    GenerationRequest(
+        prompt="a castle", seed=5, steps=5, scheduler="dpmpp_2m_karras", guidance_scale=9.0
+    ),
+    GenerationRequest(prompt="mountains in fog", seed=6, steps=3, scheduler="heun", height=48),
+    GenerationRequest(prompt="a bowl of fruit", seed=7, steps=4, scheduler="lms"),
+    GenerationRequest(prompt="a city at night", seed=8, steps=5, scheduler="unipc", width=32),
+    GenerationRequest(
+        prompt="no guidance at all", seed=9, steps=4, scheduler="ddim", guidance_scale=1.0
+    ),
+    GenerationRequest(
+        prompt="two of them", seed=10, steps=3, scheduler="euler", num_images=2, guidance_scale=3.0
+    ),
+    # ancestral: the per-step noise comes from torch.Generator seeded with the request's seed
+    GenerationRequest(prompt="a watercolor fox", seed=11, steps=4, scheduler="euler_a"),
+]
+
+
+@pytest.mark.parametrize("request_", CASES, ids=lambda r: f"{r.scheduler}-s{r.steps}-seed{r.seed}")
+async def test_text_to_image_matches_diffusers(
+    triton: Any, pipe: Any, request_: GenerationRequest
+) -> None:
+    info, images = await generate(triton.grpc_url, request_)
+    expected = reference(pipe, info, request_)
+    assert len(images) == request_.num_images
+    for got, want in zip(images, expected, strict=True):
+        assert got.shape == want.shape
+        diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+        assert diff.max() <= TOLERANCE, f"max diff {diff.max()}, mean {diff.mean():.3f}"
+        # a random-weight model still makes a non-constant image
+        assert got.std() > 1.0
+
+
+async def test_ancestral_same_seed_same_image_different_seed_differs(triton: Any) -> None:
+    base = GenerationRequest(prompt="a stormy sea", seed=21, steps=5, scheduler="euler_a")
+    _, first = await generate(triton.grpc_url, base)
+    _, again = await generate(triton.grpc_url, base)
+    _, other = await generate(
+        triton.grpc_url,
+        GenerationRequest(prompt="a stormy sea", seed=22, steps=5, scheduler="euler_a"),
+    )
+    np.testing.assert_array_equal(first[0], again[0])
+    assert np.abs(first[0].astype(np.int16) - other[0].astype(np.int16)).max() > 10
+
+
+def _png(seed: int, w: int, h: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    # smooth colour gradients plus noise: something a VAE encoder can chew on
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], axis=-1)
+    img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def img2img_reference(
+    pipe: Any, info: ModelInfo, request: GenerationRequest
+) -> npt.NDArray[np.uint8]:
+    """The img2img math done with diffusers components directly (latent mean, add_noise)."""
+    cls, overrides = resolve(request.scheduler)
+    scheduler = cls.from_config(pipe.scheduler.config, **overrides)
+    width = request.width or info.default_width
+    height = request.height or info.default_height
+    assert request.init_image is not None
+    pil = Image.open(io.BytesIO(request.init_image)).convert("RGB")
+    image = pipe.image_processor.preprocess(pil, height=height, width=width)
+    guided = request.guidance_scale > 1
+    with torch.no_grad():
+        embeds, negative = pipe.encode_prompt(
+            request.prompt, "cpu", request.num_images, guided, request.negative_prompt or None
+        )
+        if guided:
+            embeds = torch.cat([negative, embeds])
+        init = pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor
+        init = init.repeat(request.num_images, 1, 1, 1)
+        scheduler.set_timesteps(request.steps)
+        init_timestep = min(int(request.steps * request.strength), request.steps)
+        t_start = max(request.steps - init_timestep, 0)
+        timesteps = scheduler.timesteps[t_start * scheduler.order :]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(t_start * scheduler.order)
+        noise = torch.from_numpy(initial_noise(request.seed, tuple(init.shape)))
+        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.num_images))
+        for t in timesteps:
+            x = torch.cat([latents] * 2) if guided else latents
+            x = scheduler.scale_model_input(x, t)
+            pred = pipe.unet(x, t, encoder_hidden_states=embeds).sample
+            if guided:
+                u, c = pred.chunk(2)
+                pred = u + request.guidance_scale * (c - u)
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+        out = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+        images = pipe.image_processor.postprocess(out, output_type="np")
+    return to_uint8(images)
+
+
+IMG2IMG = [
+    GenerationRequest(
+        prompt="a painting of the same scene",
+        seed=31,
+        steps=6,
+        strength=0.6,
+        scheduler="pndm",
+        init_image=_png(1, 64, 64),
+    ),
+    GenerationRequest(
+        prompt="sunset colours",
+        seed=32,
+        steps=5,
+        strength=0.8,
+        scheduler="euler",
+        init_image=_png(2, 80, 64),
+        width=64,
+        height=64,
+    ),
+    GenerationRequest(
+        prompt="winter",
+        seed=33,
+        steps=4,
+        strength=1.0,
+        scheduler="dpmpp_2m",
+        guidance_scale=1.0,
+        init_image=_png(3, 64, 48),
+    ),
+    GenerationRequest(
+        prompt="heun img2img",
+        seed=34,
+        steps=4,
+        strength=0.5,
+        scheduler="heun",
+        init_image=_png(4, 64, 64),
+    ),
+]
+
+
+@pytest.mark.parametrize("request_", IMG2IMG, ids=lambda r: f"{r.scheduler}-strength{r.strength}")
+async def test_img2img_matches_diffusers_components(
+    triton: Any, pipe: Any, request_: GenerationRequest
+) -> None:
+    info, images = await generate(triton.grpc_url, request_)
+    expected = img2img_reference(pipe, info, request_)
+    for got, want in zip(images, expected, strict=True):
+        assert got.shape == want.shape
+        diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
+        assert diff.max() <= TOLERANCE, f"max diff {diff.max()}, mean {diff.mean():.3f}"
+
+
+async def test_img2img_depends_on_the_init_image(triton: Any) -> None:
+    a = GenerationRequest(prompt="x", seed=5, steps=4, strength=0.5, init_image=_png(7, 64, 64))
+    b = GenerationRequest(prompt="x", seed=5, steps=4, strength=0.5, init_image=_png(8, 64, 64))
+    _, ia = await generate(triton.grpc_url, a)
+    _, ib = await generate(triton.grpc_url, b)
+    assert np.abs(ia[0].astype(np.int16) - ib[0].astype(np.int16)).max() > 10
