@@ -150,7 +150,8 @@ def _expect(
         raise InferenceError(
             f"{stage} output {name!r} has {arr.shape[0]} rows, expected {rows}", stage=stage
         )
-    out: FloatArray = np.asarray(arr, dtype=np.float32)
+    # a private, writable copy: torch must not alias a buffer the transport owns
+    out: FloatArray = np.array(arr, dtype=np.float32)
     return out
 
 
