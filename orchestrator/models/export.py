@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import tempfile
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -271,6 +272,7 @@ def export_stage(components: Components, stage: str, path: Path) -> Path:
     """Export one stage to `path` (opset 17, dynamic batch and spatial axes)."""
     import onnx
     import torch
+    from torch.jit._trace import TracerWarning
 
     spec = STAGE_SPECS[stage]
     module = _wrappers(components)[stage]
@@ -280,7 +282,10 @@ def export_stage(components: Components, stage: str, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # shape checks in diffusers become constants when traced; expected and harmless
+            warnings.simplefilter("ignore", TracerWarning)
+            warnings.filterwarnings("ignore", message="Constant folding", category=UserWarning)
             torch.onnx.export(
                 module,
                 args,
