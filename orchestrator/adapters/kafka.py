@@ -498,7 +498,14 @@ class KafkaConsumerAdapter:
         records: list[ConsumerRecord[bytes, bytes]] = []
         for tp, batch in batches.items():
             for record in batch:
-                self.tracker.track(_key(tp), record.offset)
+                try:
+                    self.tracker.track(_key(tp), record.offset)
+                except ValueError:
+                    # the client moved the position back (offset reset): the records after it
+                    # are delivered again, so start this partition's bookkeeping afresh
+                    log.warning("offset of %s went back to %d; re-tracking", tp, record.offset)
+                    self.tracker.reset([_key(tp)])
+                    self.tracker.track(_key(tp), record.offset)
                 records.append(record)
         return records
 
