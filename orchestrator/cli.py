@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from orchestrator.config import Settings
 from orchestrator.domain import GenerationRequest
 from orchestrator.errors import OrchestratorError
 
@@ -72,12 +73,95 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     add_request_arguments(gen)
 
 
+def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="consume requests from Kafka and answer them")
+    serve.add_argument("--env-file", default=None, help="settings file (ORCHESTRATOR_* lines)")
+
+
+def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    dev = sub.add_parser("dev", help="embedded stack: Tansu + tritonserver + the service")
+    dev.add_argument("--models-dir", type=Path, default=Path("build/models/tiny"))
+    dev.add_argument("--preset", choices=["tiny", "micro"], default="tiny")
+    dev.add_argument("--work-dir", type=Path, default=Path("build/dev"))
+    dev.add_argument("--kafka-port", type=int, default=9092)
+    dev.add_argument("--grpc-port", type=int, default=8001)
+    dev.add_argument("--http-port", type=int, default=8000)
+    dev.add_argument("--metrics-port", type=int, default=8002)
+    dev.add_argument("--partitions", type=int, default=4)
+    dev.add_argument("--env-file", default=None, help="settings file (ORCHESTRATOR_* lines)")
+
+
+def _add_submit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    submit = sub.add_parser("submit", help="send one request through Kafka and wait for it")
+    submit.add_argument("--bootstrap-servers", default=None, help="default: from settings")
+    submit.add_argument("--timeout", type=float, default=300.0, help="seconds to wait")
+    submit.add_argument("--request-id", default="", help="idempotency key (default: random)")
+    submit.add_argument("--env-file", default=None, help="settings file (ORCHESTRATOR_* lines)")
+    add_request_arguments(submit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_models(sub)
     _add_generate(sub)
+    _add_serve(sub)
+    _add_dev(sub)
+    _add_submit(sub)
     return parser
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+    from orchestrator.config import load_settings
+
+    return load_settings(getattr(args, "env_file", None), **overrides)
+
+
+async def _submit(args: argparse.Namespace) -> int:
+    import time
+
+    from orchestrator.client import Client
+    from orchestrator.imagefile import output_paths
+    from orchestrator.service import kafka_settings
+
+    overrides = {"bootstrap_servers": args.bootstrap_servers} if args.bootstrap_servers else {}
+    settings = _settings(args, **overrides)
+    request = request_from_args(args, request_id=args.request_id)
+    async with Client(
+        kafka_settings(settings),
+        request_topic=settings.request_topic,
+        response_topic=settings.response_topic,
+        dlq_topic=settings.dlq_topic,
+    ) as client:
+        rid = await client.send(request)
+        start = time.monotonic()
+        print(f"submitted {rid} to {settings.request_topic}", flush=True)
+        while True:
+            try:
+                answer = await client.wait(rid, timeout=2.0)
+                break
+            except TimeoutError:
+                waited = time.monotonic() - start
+                if waited >= args.timeout:
+                    print(f"error: no answer for {rid} after {args.timeout:.0f} s", file=sys.stderr)
+                    return 3
+                print(f"waiting for {rid}: {waited:.0f} s", flush=True)
+    if answer.result is None:
+        print(f"error: request {rid} failed: {answer.reason}", file=sys.stderr)
+        return 1
+    paths = output_paths(args.out, len(answer.result.images))
+    for path, image in zip(paths, answer.result.images, strict=True):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if image.png is not None:
+            path.write_bytes(image.png)
+        elif image.uri is not None:
+            from urllib.parse import urlparse
+            from urllib.request import url2pathname
+
+            path.write_bytes(Path(url2pathname(urlparse(image.uri).path)).read_bytes())
+        print(path.resolve(), flush=True)
+    return 0
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -100,8 +184,16 @@ async def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level or "INFO",
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    for noisy in ("aiokafka", "kafka"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "models":
         from orchestrator.models.build import run_build
 
@@ -113,6 +205,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_batch_size=args.max_batch_size,
         )
         return code
+    if args.command == "serve":
+        from orchestrator.service import serve
+
+        asyncio.run(serve(_settings(args)))
+        return 0
+    if args.command == "dev":
+        from orchestrator.dev import DevStack, run_dev
+
+        stack = DevStack(
+            models_dir=args.models_dir,
+            preset=args.preset,
+            work_dir=args.work_dir,
+            kafka_port=args.kafka_port,
+            grpc_port=args.grpc_port,
+            http_port=args.http_port,
+            metrics_port=args.metrics_port,
+            partitions=args.partitions,
+        )
+        return asyncio.run(run_dev(stack, _settings(args)))
+    if args.command == "submit":
+        return asyncio.run(_submit(args))
     if args.command == "generate":
         try:
             return asyncio.run(_generate(args))

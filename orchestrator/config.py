@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     request_topic: str = "diffusion.requests"
     response_topic: str = "diffusion.responses"
     dlq_topic: str = "diffusion.requests.dlq"
+    session_timeout_ms: int = Field(
+        10_000, ge=500, le=600_000, description="consumer group session timeout"
+    )
+    heartbeat_interval_ms: int = Field(3_000, ge=100, le=60_000)
+    rebalance_timeout_ms: int = Field(
+        10_000, ge=500, le=600_000, description="how long a rebalance waits for members"
+    )
     max_record_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024, description="largest record produced"
     )
