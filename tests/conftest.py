@@ -37,3 +37,19 @@ def triton(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         raise
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[object]:
+    """A real Kafka-compatible broker (Tansu); the session fails if it cannot start."""
+    from orchestrator.adapters.kafka_broker import TansuBroker
+
+    broker = TansuBroker(0)
+    broker.start()
+    try:
+        broker.wait_ready(30)
+    except Exception:
+        broker.stop()
+        raise
+    yield broker
+    broker.stop()

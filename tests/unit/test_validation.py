@@ -13,7 +13,7 @@ from PIL import Image
 from orchestrator.core.pipeline import start_job
 from orchestrator.core.validation import Limits
 from orchestrator.domain import GenerationRequest, ModelInfo
-from orchestrator.errors import ValidationError, disposition, Disposition
+from orchestrator.errors import Disposition, ValidationError, disposition
 
 SD_SCHEDULER = {
     "_class_name": "PNDMScheduler",
