@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import numpy.typing as npt
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from orchestrator.core.batching import Batch, FlushPolicy, merge, pack, split
 from orchestrator.domain import StageCall
@@ -42,6 +44,8 @@ class _Waiting:
     future: asyncio.Future[Outputs]
     since: float
     tag: object
+    #: the requesting job's current span: the batch span links to it, and it to the batch
+    span: trace.Span
 
 
 class StepBatcher:
@@ -51,7 +55,9 @@ class StepBatcher:
         max_rows: Mapping[str, int],
         policy: FlushPolicy | None = None,
         on_batch: Callable[[BatchRecord], None] | None = None,
+        tracer: trace.Tracer | None = None,
     ) -> None:
+        self.tracer = tracer or trace.NoOpTracer()
         self.runner = runner
         self.max_rows = dict(max_rows)
         self.policy = policy or FlushPolicy()
@@ -78,7 +84,7 @@ class StepBatcher:
     async def infer(self, call: StageCall, tag: object = None) -> Outputs:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outputs] = loop.create_future()
-        self._waiting.append(_Waiting(call, fut, time.monotonic(), tag))
+        self._waiting.append(_Waiting(call, fut, time.monotonic(), tag, trace.get_current_span()))
         self._maybe_flush()
         return await fut
 
@@ -113,10 +119,39 @@ class StepBatcher:
             task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: Batch, members: list[_Waiting]) -> None:
+        rows = int(next(iter(batch.call.inputs.values())).shape[0])
+        links = [
+            trace.Link(w.span.get_span_context())
+            for w in members
+            if w.span.get_span_context().is_valid
+        ]
+        # a root span of its own (not a child of whichever job happened to flush), linked to
+        # every participating request's step span, and they to it
+        with self.tracer.start_as_current_span(
+            f"batch {batch.call.model}",
+            context=otel_context.Context(),
+            kind=trace.SpanKind.CLIENT,
+            links=links,
+            attributes={
+                "triton.model": batch.call.model,
+                "batch.rows": rows,
+                "batch.requests": len(members),
+            },
+        ) as span:
+            ctx = span.get_span_context()
+            if ctx.is_valid:
+                for w in members:
+                    if w.span.is_recording():
+                        w.span.add_link(ctx, {"batch.requests": len(members)})
+            await self._execute(batch, members)
+
+    async def _execute(self, batch: Batch, members: list[_Waiting]) -> None:
         start = time.monotonic()
         try:
             outputs = await self.runner.infer(batch.call)
         except Exception as exc:
+            trace.get_current_span().record_exception(exc)
+            trace.get_current_span().set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
             self._record(batch, members, start, ok=False)
             retriable = isinstance(exc, OrchestratorError) and exc.retriable
             if len(members) == 1 or retriable:

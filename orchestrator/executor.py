@@ -1,11 +1,14 @@
 """Run jobs against a stage runner (Triton, the step batcher, or an in-memory fake).
 
-A transient failure of a call is retried alone, with exponential backoff and jitter: `plan(job)`
-is idempotent until `advance`, so the job keeps its latents and resumes at the same step.
+A transient failure of a call is retried alone, with exponential backoff and jitter (tenacity):
+`plan(job)` is idempotent until `advance`, so the job keeps its latents and resumes at the same
+step. While the circuit breaker says Triton is down, a job waits (within its deadline) without
+spending its retry budget.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections import defaultdict
@@ -13,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy.typing as npt
+from opentelemetry import trace
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -22,9 +26,12 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from orchestrator.core.pipeline import Job, advance, finish, plan
+from orchestrator.breaker import CircuitBreaker
+from orchestrator.core.pipeline import Job, Phase, advance, finish, plan
 from orchestrator.domain import GeneratedImages, StageCall
 from orchestrator.errors import DeadlineExceeded, Disposition, disposition
+
+_NOOP_TRACER = trace.NoOpTracer()
 
 
 class StageRunner(Protocol):
@@ -47,16 +54,34 @@ class RetryPolicy:
 class JobStats:
     retries: int = 0
     calls: int = 0
+    #: retries that happened while the breaker was closed (these count against the budget)
+    counted_retries: int = 0
 
 
-class _StopAtDeadline(stop_base):
-    """Stop retrying once the request's own deadline has passed."""
+class _Stop(stop_base):
+    """Stop after N attempts made while Triton was up, or at the request's deadline."""
 
-    def __init__(self, deadline: float | None) -> None:
+    def __init__(
+        self, attempts: int, deadline: float | None, breaker: CircuitBreaker | None
+    ) -> None:
+        self.attempts = stop_after_attempt(attempts)
         self.deadline = deadline
+        self.breaker = breaker
 
     def __call__(self, retry_state: RetryCallState) -> bool:
-        return self.deadline is not None and time.time() >= self.deadline
+        if self.deadline is not None and time.time() >= self.deadline:
+            return True
+        if self.breaker is not None and self.breaker.is_open:
+            return False
+        return bool(self.attempts(retry_state))
+
+
+_STAGE_SPANS = {
+    Phase.ENCODE_PROMPT: "encode prompt",
+    Phase.ENCODE_IMAGE: "encode image",
+    Phase.DENOISE: "denoise",
+    Phase.DECODE: "decode",
+}
 
 
 async def run_job(
@@ -65,46 +90,94 @@ async def run_job(
     retry: RetryPolicy | None = None,
     on_retry: Callable[[StageCall, BaseException], None] | None = None,
     stats: JobStats | None = None,
+    *,
+    breaker: CircuitBreaker | None = None,
+    tracer: trace.Tracer | None = None,
 ) -> GeneratedImages:
     """Drive a job to its images, one model call after another."""
     policy = retry or RetryPolicy()
     stats = stats if stats is not None else JobStats()
+    tracer = tracer or _NOOP_TRACER
     deadline = job.request.deadline
     timings: dict[str, float] = defaultdict(float)
     start = time.perf_counter()
-    while not job.done:
-        if deadline is not None and time.time() >= deadline:
-            raise DeadlineExceeded(
-                f"deadline passed at step {job.unet_calls} of the denoising loop",
-                stage=job.phase.value,
-            )
-        call = plan(job)
-        t0 = time.perf_counter()
+    stage_span: trace.Span | None = None
+    stage_phase: Phase | None = None
 
-        def before_sleep(state: RetryCallState, call: StageCall = call) -> None:
-            stats.retries += 1
-            exc = state.outcome.exception() if state.outcome else None
-            if on_retry is not None and exc is not None:
-                on_retry(call, exc)
+    def retriable(exc: BaseException) -> bool:
+        if disposition(exc) is not Disposition.RETRY:
+            return False
+        if breaker is not None and breaker.is_open:
+            return True
+        return stats.counted_retries < policy.max_retries_per_job
 
-        def retriable(exc: BaseException) -> bool:
-            return (
-                disposition(exc) is Disposition.RETRY and stats.retries < policy.max_retries_per_job
-            )
+    async def backoff(seconds: float) -> None:
+        if breaker is not None and breaker.is_open:
+            await breaker.wait_closed(deadline)
+            return
+        await asyncio.sleep(seconds)
 
-        async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(policy.attempts_per_call) | _StopAtDeadline(deadline),
-            wait=wait_exponential_jitter(
-                initial=policy.initial_backoff_s, max=policy.max_backoff_s
-            ),
-            retry=retry_if_exception(retriable),
-            before_sleep=before_sleep,
-            reraise=True,
-        ):
-            with attempt:
-                stats.calls += 1
-                outputs = await runner.infer(call)
-        timings[call.model] += (time.perf_counter() - t0) * 1000.0
-        advance(job, outputs)
+    try:
+        while not job.done:
+            if deadline is not None and time.time() >= deadline:
+                raise DeadlineExceeded(
+                    f"deadline passed after {job.unet_calls} denoising steps",
+                    stage=job.phase.value,
+                )
+            if job.phase is not stage_phase:
+                if stage_span is not None:
+                    stage_span.end()
+                stage_phase = job.phase
+                stage_span = tracer.start_span(_STAGE_SPANS[job.phase])
+            call = plan(job)
+            t0 = time.perf_counter()
+            step_name = f"unet step {job.unet_calls}" if job.phase is Phase.DENOISE else call.model
+            parent = trace.set_span_in_context(stage_span) if stage_span is not None else None
+
+            def before_sleep(state: RetryCallState, call: StageCall = call) -> None:
+                stats.retries += 1
+                if breaker is None or not breaker.is_open:
+                    stats.counted_retries += 1
+                exc = state.outcome.exception() if state.outcome else None
+                if on_retry is not None and exc is not None:
+                    on_retry(call, exc)
+
+            with tracer.start_as_current_span(step_name, context=parent) as step_span:
+                if job.phase is Phase.DENOISE:
+                    step_span.set_attribute(
+                        "diffusion.timestep", float(job.timesteps[job.step_index])
+                    )
+                async for attempt in AsyncRetrying(
+                    stop=_Stop(policy.attempts_per_call, deadline, breaker),
+                    wait=wait_exponential_jitter(
+                        initial=policy.initial_backoff_s, max=policy.max_backoff_s
+                    ),
+                    sleep=backoff,
+                    retry=retry_if_exception(retriable),
+                    before_sleep=before_sleep,
+                    reraise=True,
+                ):
+                    with attempt:
+                        if breaker is not None and breaker.is_open:
+                            await breaker.wait_closed(deadline)
+                        stats.calls += 1
+                        try:
+                            outputs = await runner.infer(call)
+                        except Exception as exc:
+                            if breaker is not None and disposition(exc) is Disposition.RETRY:
+                                breaker.failure()
+                            raise
+                        if breaker is not None:
+                            breaker.success()
+            timings[call.model] += (time.perf_counter() - t0) * 1000.0
+            advance(job, outputs)
+    except BaseException as exc:
+        if stage_span is not None:
+            stage_span.record_exception(exc)
+            stage_span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
+        raise
+    finally:
+        if stage_span is not None:
+            stage_span.end()
     timings["total"] = (time.perf_counter() - start) * 1000.0
     return finish(job, timings)

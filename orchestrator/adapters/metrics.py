@@ -1,0 +1,67 @@
+"""Prometheus metrics of one service instance (its own registry, so tests can run several)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
+STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "orchestrator_requests", "Requests by outcome", ["outcome"], registry=r
+        )
+        self.request_duration = Histogram(
+            "orchestrator_request_duration_seconds",
+            "End-to-end time from consuming a request to its acknowledged answer",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_duration = Histogram(
+            "orchestrator_stage_duration_seconds",
+            "Time a job spent in each stage (model calls included)",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "orchestrator_batch_size",
+            "Rows per Triton call",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge("orchestrator_jobs_in_flight", "Jobs being processed", registry=r)
+        self.buffered_bytes = Gauge(
+            "orchestrator_buffered_bytes", "Bytes of request records in flight", registry=r
+        )
+        self.retries = Counter("orchestrator_retries", "Retried model calls", ["model"], registry=r)
+        self.dead_letters = Counter(
+            "orchestrator_dead_letters", "Dead-lettered requests", ["reason"], registry=r
+        )
+        self.duplicates = Counter(
+            "orchestrator_duplicates", "Requests whose id was already answered", registry=r
+        )
+        self.consumer_lag = Gauge(
+            "orchestrator_consumer_lag",
+            "Records behind the partition's end",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.triton_errors = Counter(
+            "orchestrator_triton_errors", "Failed Triton calls", ["model", "code"], registry=r
+        )
+        self.paused = Gauge(
+            "orchestrator_consumption_paused", "1 while fetching is paused", ["cause"], registry=r
+        )
+        self.breaker_open = Gauge(
+            "orchestrator_triton_circuit_open", "1 while Triton is considered down", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
