@@ -184,16 +184,16 @@ async def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import logging
+    import os
+
+    from orchestrator.logs import setup_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level or "INFO",
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    setup_logging(
+        args.log_level or os.environ.get("ORCHESTRATOR_LOG_LEVEL", "INFO"),
+        os.environ.get("ORCHESTRATOR_LOG_FORMAT", "text"),
     )
-    for noisy in ("aiokafka", "kafka"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.command == "models":
         from orchestrator.models.build import run_build
 

@@ -13,6 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.core.validation import Limits
+from orchestrator.executor import RetryPolicy
 
 
 class Settings(BaseSettings):
@@ -76,9 +77,48 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(4096, ge=1)
     max_init_image_bytes: int = Field(8 * 1024 * 1024, ge=1)
 
+    max_buffered_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="bound on request bytes held in flight"
+    )
+    max_request_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="larger request records are dead-lettered"
+    )
+    answer_cache_size: int = Field(
+        10_000, ge=0, le=1_000_000, description="recent answers kept to answer repeated ids"
+    )
+
+    # --- Reliability ------------------------------------------------------------------------
+    retry_attempts_per_call: int = Field(6, ge=1, le=100)
+    retry_initial_backoff_s: float = Field(0.1, gt=0, le=60)
+    retry_max_backoff_s: float = Field(5.0, gt=0, le=300)
+    retry_max_per_job: int = Field(30, ge=0, le=10_000)
+    breaker_failure_threshold: int = Field(
+        3, ge=1, le=1000, description="consecutive transient failures that open the circuit"
+    )
+    breaker_probe_interval_s: float = Field(1.0, gt=0, le=60)
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, le=3600, description="time in-flight work gets to finish on SIGTERM"
+    )
+    stall_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="liveness fails when the consume loop stalls this long"
+    )
+
     # --- Operations -------------------------------------------------------------------------
-    http_port: int = Field(9400, ge=0, le=65535, description="metrics and health endpoints")
+    http_port: int = Field(
+        9400, ge=0, le=65535, description="metrics and health endpoints (0: a free port)"
+    )
+    http_host: str = Field("0.0.0.0", description="address of the metrics/health endpoint")
+    tracing: bool = Field(True, description="OpenTelemetry spans (export via OTEL_* variables)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            attempts_per_call=self.retry_attempts_per_call,
+            initial_backoff_s=self.retry_initial_backoff_s,
+            max_backoff_s=self.retry_max_backoff_s,
+            max_retries_per_job=self.retry_max_per_job,
+        )
 
     def limits(self) -> Limits:
         return Limits(

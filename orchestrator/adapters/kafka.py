@@ -537,6 +537,32 @@ class KafkaConsumerAdapter:
     def paused(self) -> set[PartitionKey]:
         return {_key(tp) for tp in self._require().paused()}
 
+    async def broker_reachable(self, timeout_s: float = 5.0) -> bool:
+        """True when the cluster answers a metadata request within the timeout."""
+        consumer = self._consumer
+        if consumer is None:
+            return False
+        try:
+            await asyncio.wait_for(consumer._client.fetch_all_metadata(), timeout_s)
+        except Exception:
+            return False
+        return True
+
+    async def lag(self) -> dict[PartitionKey, int]:
+        """Records between the consumer's position and each assigned partition's end."""
+        consumer = self._require()
+        lags: dict[PartitionKey, int] = {}
+        for tp in consumer.assignment():
+            end = consumer.highwater(tp)
+            if end is None:
+                continue
+            try:
+                position = await consumer.position(tp)
+            except Exception:
+                continue
+            lags[_key(tp)] = max(0, int(end) - int(position))
+        return lags
+
     async def committed_offset(self, partition: PartitionKey) -> int | None:
         """The group's committed offset of a partition, as the broker has it."""
         offset = await self._require().committed(TopicPartition(*partition))

@@ -7,7 +7,7 @@ mapped once, here, to errors that say whether a retry may help.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from orchestrator.adapters.tracing import grpc_metadata
 from orchestrator.domain import ModelInfo, StageCall
 from orchestrator.errors import InferenceError, ModelConfigError, TransientInferenceError
 
@@ -52,9 +53,19 @@ def grpc_code(exc: BaseException) -> str | None:
 class TritonClient:
     """Async client for the stage models."""
 
-    def __init__(self, url: str, *, timeout_s: float = 60.0, ssl: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_s: float = 60.0,
+        ssl: bool = False,
+        on_error: Callable[[str, str], None] | None = None,
+        propagate_trace: bool = True,
+    ) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self.on_error = on_error
+        self.propagate_trace = propagate_trace
         self._client = aioclient.InferenceServerClient(url, ssl=ssl)
 
     async def close(self) -> None:
@@ -87,16 +98,23 @@ class TritonClient:
             inp.set_data_from_numpy(arr)
             inputs.append(inp)
         outputs = [grpcclient.InferRequestedOutput(name) for name in call.outputs]
+        metadata = dict(headers or {})
+        if self.propagate_trace:
+            # W3C traceparent in the gRPC metadata: Triton's own OpenTelemetry spans join ours
+            metadata.update(grpc_metadata())
         try:
             result = await self._client.infer(
                 call.model,
                 inputs,
                 outputs=outputs,
                 client_timeout=timeout_s or self.timeout_s,
-                headers=dict(headers) if headers else None,
+                headers=metadata or None,
             )
         except Exception as exc:
-            raise map_error(exc, call.model) from exc
+            err = map_error(exc, call.model)
+            if self.on_error is not None:
+                self.on_error(call.model, grpc_code(err) or "CLIENT")
+            raise err from exc
         out: dict[str, npt.NDArray[Any]] = {}
         for name in call.outputs:
             arr = result.as_numpy(name)

@@ -19,7 +19,19 @@ from orchestrator.models.export import ModelFacts, onnx_files
 
 TARGETS = ("cpu", "gpu")
 ENSEMBLE = "encode_prompt"
-MODEL_NAMES = ("tokenizer", "text_encoder", ENSEMBLE, "vae_encoder", "unet", "vae_decoder")
+#: the pure-Triton baseline: a Python BLS model running the whole pipeline for one request
+BLS_MODEL = "pipeline_bls"
+MODEL_NAMES = (
+    "tokenizer",
+    "text_encoder",
+    ENSEMBLE,
+    "vae_encoder",
+    "unet",
+    "vae_decoder",
+    BLS_MODEL,
+)
+#: instances of the BLS model: how many whole-pipeline requests Triton runs at once
+DEFAULT_BLS_INSTANCES = 4
 ONNX_STAGES = ("text_encoder", "vae_encoder", "unet", "vae_decoder")
 DEFAULT_QUEUE_DELAY_US = 1000
 #: ONNX Runtime intra-op threads per CPU stage model; kept low so six models share a few cores
@@ -197,6 +209,48 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
+def bls_spec(facts: ModelFacts, source: str) -> ModelSpec:
+    """The BLS baseline's tensors; its parameters are the unet's (the pipeline needs them all)."""
+    unet = next(s for s in model_specs(facts, source) if s.name == "unet")
+    scalar = (1,)
+    return ModelSpec(
+        BLS_MODEL,
+        (
+            TensorSpec("prompt", "TYPE_STRING", scalar),
+            TensorSpec("negative_prompt", "TYPE_STRING", scalar),
+            TensorSpec("seed", "TYPE_INT64", scalar),
+            TensorSpec("steps", "TYPE_INT32", scalar),
+            TensorSpec("guidance_scale", "TYPE_FP32", scalar),
+            TensorSpec("scheduler", "TYPE_STRING", scalar),
+            TensorSpec("width", "TYPE_INT32", scalar),
+            TensorSpec("height", "TYPE_INT32", scalar),
+        ),
+        (TensorSpec("image", "TYPE_UINT8", (-1, -1, 3)),),
+        {
+            **unet.parameters,
+            # where `orchestrator` lives, in case the stub's sys.path lacks it
+            "orchestrator_src": str(Path(orchestrator.__file__).resolve().parent.parent),
+        },
+    )
+
+
+def render_bls_config(
+    facts: ModelFacts, max_batch_size: int, *, source: str, instances: int
+) -> str:
+    """config.pbtxt of the BLS baseline: a CPU Python model for both targets (it orchestrates;
+    the stage models it calls run wherever their own configs say). No dynamic batching: each
+    request runs its whole pipeline alone, `instances` of them at a time."""
+    if instances < 1:
+        raise ValueError("the BLS model needs at least one instance")
+    spec = bls_spec(facts, source)
+    lines = [f"name: {_quote(spec.name)}", 'backend: "python"', f"max_batch_size: {max_batch_size}"]
+    lines += _tensors("input", spec.inputs)
+    lines += _tensors("output", spec.outputs)
+    lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
+    lines += _parameters(spec.parameters)
+    return "\n".join(lines) + "\n"
+
+
 def _trt_shapes(facts: ModelFacts, stage: str, max_batch_size: int) -> tuple[str, str, str]:
     """trtexec --minShapes/--optShapes/--maxShapes values for one stage."""
     unit = facts.size_multiple // facts.vae_scale_factor
@@ -281,6 +335,7 @@ def write_repository(
     max_batch_size: int,
     source: str,
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+    bls_instances: int = DEFAULT_BLS_INSTANCES,
 ) -> list[Path]:
     """Write the whole repository (replacing any old one); returns the files written."""
     if target not in TARGETS:
@@ -315,6 +370,15 @@ def write_repository(
             if target == "cpu":
                 shutil.copyfile(templates / "onnx_stage" / "model.py", version / "model.py")
                 written.append(version / "model.py")
+    config = repo / BLS_MODEL / "config.pbtxt"
+    (repo / BLS_MODEL / "1").mkdir(parents=True)
+    config.write_text(
+        render_bls_config(facts, max_batch_size, source=source, instances=bls_instances),
+        encoding="utf-8",
+    )
+    model = repo / BLS_MODEL / "1" / "model.py"
+    shutil.copyfile(templates / BLS_MODEL / "model.py", model)
+    written += [config, model]
     if target == "gpu":
         script = repo / "convert.sh"
         script.write_text(render_convert_script(facts, max_batch_size), encoding="utf-8")

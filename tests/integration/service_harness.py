@@ -27,6 +27,8 @@ def make_settings(kafka: Any, triton: Any, **overrides: Any) -> Settings:
         "heartbeat_interval_ms": 300,
         "rebalance_timeout_ms": 2000,
         "triton_timeout_s": 30.0,
+        "http_port": 0,
+        "http_host": "127.0.0.1",
     }
     base.update(overrides)
     return load_settings(None, **base)
