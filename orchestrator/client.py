@@ -17,6 +17,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
+from opentelemetry import trace
 
 from orchestrator.adapters.avro import AvroCodec, GenerationResultRecord
 from orchestrator.adapters.kafka import (
@@ -30,6 +31,7 @@ from orchestrator.adapters.kafka import (
     KafkaSettings,
     header_str,
 )
+from orchestrator.adapters.tracing import get_tracer, inject
 from orchestrator.domain import GenerationRequest
 
 
@@ -42,6 +44,8 @@ class Answer:
     #: dead-letter headers (reason, message, stage...) when it failed
     failure: dict[str, str] | None = None
     latency_s: float = 0.0
+    #: the answer record's headers (correlation id, traceparent, dlq.*)
+    headers: tuple[tuple[str, bytes], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -142,17 +146,21 @@ class ReplyWatcher:
             if rid is None:
                 with contextlib.suppress(Exception):
                     rid = self.codec.decode_request(record.value).request_id
-            self._deliver(rid, None, failure)
+            self._deliver(rid, None, failure, headers)
             return
         try:
             result = self.codec.decode_result(record.value)
         except Exception:
             self.unmatched += 1
             return
-        self._deliver(rid or result.request_id, result, None)
+        self._deliver(rid or result.request_id, result, None, headers)
 
     def _deliver(
-        self, rid: str | None, result: GenerationResultRecord | None, failure: dict[str, str] | None
+        self,
+        rid: str | None,
+        result: GenerationResultRecord | None,
+        failure: dict[str, str] | None,
+        headers: Headers,
     ) -> None:
         if not rid:
             self.unmatched += 1
@@ -162,7 +170,7 @@ class ReplyWatcher:
             return
         sent = self._sent_at.get(rid)
         latency = time.monotonic() - sent if sent is not None else 0.0
-        answer = Answer(rid, result, failure, latency)
+        answer = Answer(rid, result, failure, latency, tuple(headers))
         self.answered[rid] = answer
         fut = self._waiters.get(rid)
         if fut is not None and not fut.done():
@@ -181,7 +189,9 @@ class Client:
         dlq_topic: str = "diffusion.requests.dlq",
         codec: AvroCodec | None = None,
         max_record_bytes: int = 16 * 1024 * 1024,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
+        self.tracer = get_tracer(tracer_provider)
         self.codec = codec or AvroCodec()
         self.request_topic = request_topic
         self.response_topic = response_topic
@@ -209,12 +219,24 @@ class Client:
         if rid != request.request_id:
             request = dataclasses.replace(request, request_id=rid)
         self.watcher.expect(rid)
-        await self.producer.publish(
-            self.request_topic,
-            self.codec.encode_request(request),
-            key=rid.encode(),
-            headers=[(CORRELATION_ID_HEADER, rid.encode()), *(headers or [])],
-        )
+        with self.tracer.start_as_current_span(
+            f"publish {self.request_topic}",
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation.type": "publish",
+                "messaging.destination.name": self.request_topic,
+                "messaging.message.id": rid,
+            },
+        ):
+            out: Headers = [(CORRELATION_ID_HEADER, rid.encode()), *(headers or [])]
+            inject(out)  # the service's process span continues this trace
+            await self.producer.publish(
+                self.request_topic,
+                self.codec.encode_request(request),
+                key=rid.encode(),
+                headers=out,
+            )
         return rid
 
     async def send_raw(self, value: bytes, request_id: str, key: bytes | None = None) -> None:

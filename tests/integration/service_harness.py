@@ -35,14 +35,16 @@ def make_settings(kafka: Any, triton: Any, **overrides: Any) -> Settings:
 
 
 @contextlib.asynccontextmanager
-async def running_service(settings: Settings, partitions: int = 2) -> AsyncIterator[Service]:
+async def running_service(
+    settings: Settings, partitions: int = 2, **service_kwargs: Any
+) -> AsyncIterator[Service]:
     await create_topics(
         settings.bootstrap_servers,
         [settings.request_topic, settings.response_topic, settings.dlq_topic],
         partitions=partitions,
     )
     ready = asyncio.Event()
-    service = Service(settings, on_ready=ready.set)
+    service = Service(settings, on_ready=ready.set, **service_kwargs)
     task = asyncio.create_task(service.run())
     try:
         done, _ = await asyncio.wait(
@@ -58,12 +60,13 @@ async def running_service(settings: Settings, partitions: int = 2) -> AsyncItera
 
 
 @contextlib.asynccontextmanager
-async def client_for(settings: Settings) -> AsyncIterator[Client]:
+async def client_for(settings: Settings, **client_kwargs: Any) -> AsyncIterator[Client]:
     client = Client(
         kafka_settings(settings),
         request_topic=settings.request_topic,
         response_topic=settings.response_topic,
         dlq_topic=settings.dlq_topic,
+        **client_kwargs,
     )
     await client.start()
     try:
