@@ -12,7 +12,7 @@ from PIL import Image
 
 def encode_png(image: npt.NDArray[np.uint8]) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(image, mode="RGB").save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
     return buf.getvalue()
 
 

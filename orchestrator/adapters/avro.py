@@ -27,11 +27,10 @@ from typing import Any, Final, Protocol, runtime_checkable
 
 import fastavro
 import fastavro.schema
-import numpy as np
-import numpy.typing as npt
 
 from orchestrator.domain import GeneratedImages, GenerationRequest
 from orchestrator.errors import DecodeError, OrchestratorError, UnknownSchemaError, reason_of
+from orchestrator.imagefile import encode_png
 
 MAGIC_BYTE: Final = 0
 HEADER_SIZE: Final = 5
@@ -334,18 +333,6 @@ class DecodedRequest:
     request: GenerationRequest
     reply_topic: str | None
     schema_id: int
-
-
-def encode_png(image: npt.NDArray[np.uint8]) -> bytes:
-    """PNG bytes of a uint8 HWC (or HW) image."""
-    from PIL import Image
-
-    array = np.ascontiguousarray(image)
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def result_record(
