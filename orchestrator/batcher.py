@@ -88,11 +88,20 @@ class StepBatcher:
         self._maybe_flush()
         return await fut
 
-    def _maybe_flush(self) -> None:
+    def _maybe_flush(self, on_timer: bool = False) -> None:
+        """Flush when every active job waits; a flush for age only happens from the timer.
+
+        The age check is left to the timer on purpose: jobs woken by the same batch resume one
+        after another in one event-loop pass, each spending CPU time (scheduler step, next
+        plan) before it submits. Judging the oldest call's age while they do would cut the
+        cohort into small batches although every member was about to submit; the timer runs
+        only after the callbacks already scheduled, so it sees them all.
+        """
         if not self._waiting:
             return
         oldest = time.monotonic() - self._waiting[0].since
-        if self.policy.should_flush(len(self._waiting), self._active, oldest):
+        age = oldest if on_timer else 0.0
+        if self.policy.should_flush(len(self._waiting), self._active, age):
             self._flush()
         elif self._timer is None:
             delay = max(0.0, self.policy.max_wait_s - oldest)
@@ -100,7 +109,7 @@ class StepBatcher:
 
     def _on_timer(self) -> None:
         self._timer = None
-        self._maybe_flush()
+        self._maybe_flush(on_timer=True)
 
     def _flush(self) -> None:
         if self._timer is not None:
