@@ -100,6 +100,13 @@ def _add_submit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     add_request_arguments(submit)
 
 
+def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from orchestrator.bench import add_bench_arguments
+
+    bench = sub.add_parser("bench", help="step batching vs naive calls vs a pure-Triton BLS model")
+    add_bench_arguments(bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
@@ -109,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_dev(sub)
     _add_submit(sub)
+    _add_bench(sub)
     return parser
 
 
@@ -232,6 +240,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OrchestratorError as exc:
             print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
+    if args.command == "bench":
+        from orchestrator.bench import run_bench
+
+        return run_bench(args)
     parser.error(f"unknown command {args.command}")
     return 2
 
