@@ -72,18 +72,7 @@ def _env_float(name: str, default: float) -> float:
 
 def kafka_settings_from(settings: Settings) -> KafkaSettings:
     """The Kafka connection of the service's settings (bootstrap, security, SASL, TLS)."""
-    return KafkaSettings(
-        bootstrap_servers=settings.bootstrap_servers,
-        security_protocol=settings.security_protocol,
-        sasl_mechanism=settings.sasl_mechanism,
-        sasl_username=settings.sasl_username,
-        sasl_password=settings.sasl_password,
-        ssl_cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None,
-        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
-        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-        client_id=f"{settings.client_id}-loadtest",
-        group_id=f"{settings.group_id}-loadtest",
-    )
+    return settings.kafka("-loadtest")
 
 
 class AsyncBridge:

@@ -7,13 +7,16 @@ stops the service with a message naming the field instead of failing later.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.core.validation import Limits
 from orchestrator.executor import RetryPolicy
+
+if TYPE_CHECKING:
+    from orchestrator.adapters.kafka import KafkaSettings
 
 
 class Settings(BaseSettings):
@@ -118,6 +121,24 @@ class Settings(BaseSettings):
             initial_backoff_s=self.retry_initial_backoff_s,
             max_backoff_s=self.retry_max_backoff_s,
             max_retries_per_job=self.retry_max_per_job,
+        )
+
+    def kafka(self, suffix: str = "") -> KafkaSettings:
+        """The Kafka connection (bootstrap, security, SASL, TLS); `suffix` marks a client's
+        id and group (e.g. "-loadtest")."""
+        from orchestrator.adapters.kafka import KafkaSettings
+
+        return KafkaSettings(
+            bootstrap_servers=self.bootstrap_servers,
+            security_protocol=self.security_protocol,
+            sasl_mechanism=self.sasl_mechanism,
+            sasl_username=self.sasl_username,
+            sasl_password=self.sasl_password,
+            ssl_cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+            ssl_certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+            ssl_keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            client_id=self.client_id + suffix,
+            group_id=self.group_id + suffix,
         )
 
     def limits(self) -> Limits:

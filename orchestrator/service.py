@@ -57,18 +57,7 @@ log = logging.getLogger("orchestrator.service")
 
 
 def kafka_settings(settings: Settings) -> KafkaSettings:
-    return KafkaSettings(
-        bootstrap_servers=settings.bootstrap_servers,
-        security_protocol=settings.security_protocol,
-        sasl_mechanism=settings.sasl_mechanism,
-        sasl_username=settings.sasl_username,
-        sasl_password=settings.sasl_password,
-        ssl_cafile=str(settings.ssl_cafile) if settings.ssl_cafile else None,
-        ssl_certfile=str(settings.ssl_certfile) if settings.ssl_certfile else None,
-        ssl_keyfile=str(settings.ssl_keyfile) if settings.ssl_keyfile else None,
-        client_id=settings.client_id,
-        group_id=settings.group_id,
-    )
+    return settings.kafka()
 
 
 def make_codec(settings: Settings) -> AvroCodec:
