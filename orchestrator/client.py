@@ -70,8 +70,10 @@ class ReplyWatcher:
         response_topics: Sequence[str],
         dlq_topic: str,
         codec: AvroCodec,
+        fetch_max_wait_ms: int = 20,
     ) -> None:
         self.settings = settings
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         self.topics = [*dict.fromkeys(response_topics), dlq_topic]
         self.dlq_topic = dlq_topic
         self.codec = codec
@@ -85,7 +87,12 @@ class ReplyWatcher:
 
     async def start(self) -> None:
         kwargs = self.settings.client_kwargs()
-        consumer = AIOKafkaConsumer(**kwargs, enable_auto_commit=False, group_id=None)
+        consumer = AIOKafkaConsumer(
+            **kwargs,
+            enable_auto_commit=False,
+            group_id=None,
+            fetch_max_wait_ms=self.fetch_max_wait_ms,
+        )
         await consumer.start()
         partitions = []
         await consumer.topics()  # fetches the cluster metadata

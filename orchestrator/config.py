@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     rebalance_timeout_ms: int = Field(
         10_000, ge=500, le=600_000, description="how long a rebalance waits for members"
     )
+    fetch_max_wait_ms: int = Field(
+        50,
+        ge=0,
+        le=10_000,
+        description="longest a fetch waits on the broker for new records (latency vs idle "
+        "fetch traffic; brokers that do not answer early hold every fetch this long)",
+    )
     max_record_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, le=100 * 1024 * 1024, description="largest record produced"
     )

@@ -142,7 +142,10 @@ class Service:
             [settings.request_topic],
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
-            consumer_options={"rebalance_timeout_ms": settings.rebalance_timeout_ms},
+            consumer_options={
+                "rebalance_timeout_ms": settings.rebalance_timeout_ms,
+                "fetch_max_wait_ms": settings.fetch_max_wait_ms,
+            },
         )
         self.http = HealthServer(
             settings.http_host,

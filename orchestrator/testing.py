@@ -22,15 +22,28 @@ from orchestrator.errors import InferenceError, TransientInferenceError
 class TorchStageRunner:
     """Runs stage calls with diffusers/transformers components (CPU, float32)."""
 
-    def __init__(self, tokenizer: Any, text_encoder: Any, vae: Any, unet: Any) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        vae: Any,
+        unet: Any,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.vae = vae
-        self.unet = unet
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.text_encoder = text_encoder.to(self.device, dtype)
+        self.vae = vae.to(self.device, dtype)
+        self.unet = unet.to(self.device, dtype)
         self.calls: list[StageCall] = []
 
     @classmethod
-    def from_pretrained(cls, path: str) -> TorchStageRunner:
+    def from_pretrained(
+        cls, path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> TorchStageRunner:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -39,7 +52,17 @@ class TorchStageRunner:
             CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval(),
             AutoencoderKL.from_pretrained(path, subfolder="vae").eval(),
             UNet2DConditionModel.from_pretrained(path, subfolder="unet").eval(),
+            device=device,
+            dtype=dtype,
         )
+
+    def _in(self, arr: npt.NDArray[Any]) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(arr)).to(self.device, self.dtype)
+
+    @staticmethod
+    def _out(t: torch.Tensor) -> npt.NDArray[Any]:
+        out: npt.NDArray[Any] = t.float().cpu().numpy()
+        return out
 
     def model_info(self, scheduler_config: dict[str, Any]) -> ModelInfo:
         f = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -69,19 +92,21 @@ class TorchStageRunner:
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
-            return {"text_embeds": self.text_encoder(ids)[0].numpy()}
+            return {"text_embeds": self._out(self.text_encoder(ids.to(self.device))[0])}
         if call.model == "vae_encoder":
-            image = torch.from_numpy(x["image"])
-            return {"latent_mean": self.vae.encode(image).latent_dist.mean.numpy()}
+            return {
+                "latent_mean": self._out(self.vae.encode(self._in(x["image"])).latent_dist.mean)
+            }
         if call.model == "unet":
             out = self.unet(
-                torch.from_numpy(x["sample"]),
-                torch.from_numpy(x["timestep"]).reshape(-1),
-                encoder_hidden_states=torch.from_numpy(x["encoder_hidden_states"]),
+                self._in(x["sample"]),
+                # timesteps stay float32: fp16 would round fractional ones (749.25 -> 749.0)
+                torch.from_numpy(x["timestep"]).to(self.device).reshape(-1),
+                encoder_hidden_states=self._in(x["encoder_hidden_states"]),
             ).sample
-            return {"noise_pred": out.numpy()}
+            return {"noise_pred": self._out(out)}
         if call.model == "vae_decoder":
-            return {"image": self.vae.decode(torch.from_numpy(x["latent"])).sample.numpy()}
+            return {"image": self._out(self.vae.decode(self._in(x["latent"])).sample)}
         raise InferenceError(f"unknown model {call.model}", stage=call.model)
 
     async def infer(self, call: StageCall) -> dict[str, npt.NDArray[Any]]:
