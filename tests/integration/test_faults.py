@@ -119,11 +119,12 @@ async def test_service_sigkilled_three_times_loses_no_request(
                 await proc.wait_ready()
                 base = len(client.watcher.answered)
                 target = min(base + rng.randint(5, 40), len(requests) - 1)
+
+                def reached(t: int = target) -> bool:
+                    return len(client.watcher.answered) >= t or not proc.alive()
+
                 await wait_until(
-                    lambda t=target: (
-                        len(client.watcher.answered) >= t  # type: ignore[misc]
-                        or not proc.alive()
-                    ),
+                    reached,
                     120,
                     f"answers to reach {target} before a kill",
                 )
@@ -362,7 +363,9 @@ async def test_rebalance_join_and_leave_mid_run_answers_everything(
         f"[rebalance] {len(requests)} requests in {time.monotonic() - started:.1f} s; second "
         f"joined at {joined_at} answered, first left at {left_at}; first answered "
         f"{a_stats.answered}, second {b_stats.answered}; duplicates seen by client "
-        f"{sum(duplicates.values())}; 'commit failed' warnings {len(commit_failures)}"
+        f"{sum(duplicates.values())} (answer-cache re-publications: first "
+        f"{a_stats.duplicates}, second {b_stats.duplicates}); 'commit failed' warnings "
+        f"{len(commit_failures)}"
     )
     assert len(answers) == len(requests)
     assert all(a.ok for a in answers.values()), [a.reason for a in answers.values() if not a.ok]
