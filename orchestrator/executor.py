@@ -147,28 +147,47 @@ async def run_job(
                     step_span.set_attribute(
                         "diffusion.timestep", float(job.timesteps[job.step_index])
                     )
-                async for attempt in AsyncRetrying(
-                    stop=_Stop(policy.attempts_per_call, deadline, breaker),
-                    wait=wait_exponential_jitter(
-                        initial=policy.initial_backoff_s, max=policy.max_backoff_s
-                    ),
-                    sleep=backoff,
-                    retry=retry_if_exception(retriable),
-                    before_sleep=before_sleep,
-                    reraise=True,
-                ):
-                    with attempt:
-                        if breaker is not None and breaker.is_open:
-                            await breaker.wait_closed(deadline)
-                        stats.calls += 1
-                        try:
-                            outputs = await runner.infer(call)
-                        except Exception as exc:
-                            if breaker is not None and disposition(exc) is Disposition.RETRY:
-                                breaker.failure()
-                            raise
-                        if breaker is not None:
-                            breaker.success()
+
+                async def attempt_call(call: StageCall = call) -> dict[str, npt.NDArray[Any]]:
+                    if breaker is not None and breaker.is_open:
+                        await breaker.wait_closed(deadline)
+                    stats.calls += 1
+                    try:
+                        result = await runner.infer(call)
+                    except Exception as exc:
+                        if breaker is not None and disposition(exc) is Disposition.RETRY:
+                            breaker.failure()
+                        raise
+                    if breaker is not None:
+                        breaker.success()
+                    return result
+
+                try:
+                    # the common case pays for no retry machinery
+                    outputs = await attempt_call()
+                except Exception as first:
+                    if not retriable(first) or policy.attempts_per_call <= 1:
+                        raise
+                    stats.retries += 1
+                    if breaker is None or not breaker.is_open:
+                        stats.counted_retries += 1
+                    if on_retry is not None:
+                        on_retry(call, first)
+                    await backoff(policy.initial_backoff_s)
+                    async for attempt in AsyncRetrying(
+                        stop=_Stop(policy.attempts_per_call - 1, deadline, breaker),
+                        wait=wait_exponential_jitter(
+                            multiplier=policy.initial_backoff_s * 2,
+                            max=policy.max_backoff_s,
+                            jitter=policy.initial_backoff_s,
+                        ),
+                        sleep=backoff,
+                        retry=retry_if_exception(retriable),
+                        before_sleep=before_sleep,
+                        reraise=True,
+                    ):
+                        with attempt:
+                            outputs = await attempt_call()
             timings[call.model] += (time.perf_counter() - t0) * 1000.0
             advance(job, outputs)
     except BaseException as exc:
