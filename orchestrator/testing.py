@@ -92,7 +92,11 @@ class TorchStageRunner:
                 truncation=True,
                 return_tensors="pt",
             ).input_ids
-            return {"text_embeds": self._out(self.text_encoder(ids.to(self.device))[0])}
+            lengths = [len(t) for t in self.tokenizer(prompts, truncation=False).input_ids]
+            return {
+                "text_embeds": self._out(self.text_encoder(ids.to(self.device))[0]),
+                "num_tokens": np.array([[n] for n in lengths], dtype=np.int64),
+            }
         if call.model == "vae_encoder":
             return {
                 "latent_mean": self._out(self.vae.encode(self._in(x["image"])).latent_dist.mean)

@@ -53,6 +53,8 @@ class Job:
     text_embeds: FloatArray | None = None
     images: tuple[npt.NDArray[np.uint8], ...] = ()
     unet_calls: int = 0
+    #: the prompt had more tokens than the text encoder's window (it was truncated)
+    prompt_truncated: bool = False
 
     @property
     def request(self) -> GenerationRequest:
@@ -113,7 +115,7 @@ def plan(job: Job) -> StageCall:
             else [job.request.prompt]
         )
         arr = np.array([[p.encode("utf-8")] for p in prompts], dtype=np.object_)
-        return StageCall(ENCODE_PROMPT, {"prompt": arr}, ("text_embeds",))
+        return StageCall(ENCODE_PROMPT, {"prompt": arr}, ("text_embeds", "num_tokens"))
     if job.phase is Phase.ENCODE_IMAGE:
         assert job.valid.init_image is not None
         return StageCall(VAE_ENCODER, {"image": job.valid.init_image[None]}, ("latent_mean",))
@@ -167,6 +169,13 @@ def advance(job: Job, outputs: Mapping[str, npt.NDArray[Any]]) -> None:
     if job.phase is Phase.ENCODE_PROMPT:
         embeds = _expect(outputs, "text_embeds", 2 if job.guided else 1, ENCODE_PROMPT)
         job.text_embeds = np.ascontiguousarray(np.repeat(embeds, n, axis=0))
+        tokens = outputs.get("num_tokens")
+        if tokens is not None:
+            # the positive prompt is the last row; tokens past the window were cut, as diffusers
+            # does, and the result says so
+            job.prompt_truncated = (
+                int(np.asarray(tokens).reshape(-1)[-1]) > job.info.text_max_length
+            )
         if job.valid.init_image is not None:
             job.phase = Phase.ENCODE_IMAGE
         else:
@@ -218,4 +227,5 @@ def finish(job: Job, timings_ms: Mapping[str, float] | None = None) -> Generated
         seed=job.request.seed,
         timings_ms=dict(timings_ms or {}),
         model_versions=dict(job.info.versions),
+        prompt_truncated=job.prompt_truncated,
     )

@@ -87,10 +87,11 @@ def model_specs(facts: ModelFacts, source: str) -> list[ModelSpec]:
     prompt = TensorSpec("prompt", "TYPE_STRING", (1,))
     ids = TensorSpec("input_ids", "TYPE_INT64", (length,))
     embeds = TensorSpec("text_embeds", "TYPE_FP32", (length, dim))
+    num_tokens = TensorSpec("num_tokens", "TYPE_INT64", (1,))
     specs = [
-        ModelSpec("tokenizer", (prompt,), (ids,), {"max_length": str(length)}),
+        ModelSpec("tokenizer", (prompt,), (ids, num_tokens), {"max_length": str(length)}),
         ModelSpec("text_encoder", (ids,), (embeds,), {}),
-        ModelSpec(ENSEMBLE, (prompt,), (embeds,), {}),
+        ModelSpec(ENSEMBLE, (prompt,), (embeds, num_tokens), {}),
         ModelSpec(
             "vae_encoder",
             (TensorSpec("image", "TYPE_FP32", (3, -1, -1)),),
@@ -162,6 +163,7 @@ def _ensemble_steps() -> list[str]:
         "      model_version: -1",
         '      input_map { key: "prompt" value: "prompt" }',
         '      output_map { key: "input_ids" value: "input_ids" }',
+        '      output_map { key: "num_tokens" value: "num_tokens" }',
         "    },",
         "    {",
         '      model_name: "text_encoder"',

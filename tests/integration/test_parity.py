@@ -96,6 +96,13 @@ CASES = [
     GenerationRequest(
         prompt="two of them", seed=10, steps=3, scheduler="euler", num_images=2, guidance_scale=3.0
     ),
+    # past the text encoder's 77-token window: truncated exactly as diffusers truncates
+    GenerationRequest(
+        prompt=" ".join(["a very long prompt about a quiet harbour town at dawn"] * 12),
+        seed=12,
+        steps=3,
+        scheduler="ddim",
+    ),
     # ancestral: the per-step noise comes from torch.Generator seeded with the request's seed
     GenerationRequest(prompt="a watercolor fox", seed=11, steps=4, scheduler="euler_a"),
 ]

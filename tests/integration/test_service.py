@@ -255,3 +255,15 @@ async def test_offsets_committed_restarted_consumer_gets_nothing_old(
         assert total == 7
     finally:
         await consumer.stop()
+
+
+async def test_long_prompt_is_truncated_and_the_result_says_so(kafka: Any, triton: Any) -> None:
+    settings = make_settings(kafka, triton)
+    long = GenerationRequest(prompt=" ".join(["lighthouse"] * 120), steps=2, request_id="long-1")
+    short = GenerationRequest(prompt="lighthouse", steps=2, request_id="short-1")
+    async with running_service(settings), client_for(settings) as client:
+        a_long, a_short = await asyncio.gather(
+            client.generate(long, 120), client.generate(short, 120)
+        )
+    assert a_long.result is not None and a_long.result.prompt_truncated is True
+    assert a_short.result is not None and a_short.result.prompt_truncated is False

@@ -2,7 +2,8 @@
 
 Copied into `tokenizer/1/model.py` by `orchestrator models build`, next to a `tokenizer/` folder
 holding the CLIP tokenizer files. Input `prompt` (TYPE_STRING [1]) per batch row; output
-`input_ids` (TYPE_INT64 [L]) padded to L with truncation, as diffusers' StableDiffusionPipeline
+`input_ids` (TYPE_INT64 [L]) padded to L with truncation, and `num_tokens` (TYPE_INT64 [1]),
+the untruncated token count, as diffusers' StableDiffusionPipeline
 encode_prompt does. All prompts of all requests in one `execute` are tokenized in one call.
 """
 
@@ -71,10 +72,18 @@ class TritonPythonModel:
                 truncation=True,
                 return_tensors="np",
             ).input_ids.astype(np.int64)
+            # the untruncated length (BOS and EOS included): more than L means truncated
+            lengths = np.array(
+                [[len(x)] for x in self.tokenizer(prompts, truncation=False).input_ids],
+                dtype=np.int64,
+            )
             for index, start, count in owners:
                 piece = np.ascontiguousarray(ids[start : start + count])
                 tensor = pb_utils.Tensor("input_ids", piece)
-                responses[index] = pb_utils.InferenceResponse(output_tensors=[tensor])
+                num = pb_utils.Tensor(
+                    "num_tokens", np.ascontiguousarray(lengths[start : start + count])
+                )
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[tensor, num])
         except Exception as exc:
             for index, _, _ in owners:
                 responses[index] = pb_utils.InferenceResponse(
