@@ -142,6 +142,7 @@ class Service:
             [settings.request_topic],
             session_timeout_ms=settings.session_timeout_ms,
             heartbeat_interval_ms=settings.heartbeat_interval_ms,
+            before_revoke=self._drain_partitions,
             consumer_options={
                 "rebalance_timeout_ms": settings.rebalance_timeout_ms,
                 "fetch_max_wait_ms": settings.fetch_max_wait_ms,
@@ -160,6 +161,7 @@ class Service:
         self.retry = settings.retry_policy()
         self._stopping = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], int] = {}
+        self._task_partition: dict[asyncio.Task[None], tuple[str, int]] = {}
         self._buffered = 0
         #: request_id -> its answer, for redelivered or repeated requests (bounded, LRU)
         self._answers: collections.OrderedDict[str, Answer] = collections.OrderedDict()
@@ -286,6 +288,7 @@ class Service:
         self._buffered += size
         task = asyncio.create_task(self._handle(record))
         self._tasks[task] = size
+        self._task_partition[task] = (record.topic, record.partition)
         task.add_done_callback(self._task_done)
         self.metrics.in_flight.set(len(self._tasks))
         self.metrics.buffered_bytes.set(self._buffered)
@@ -294,6 +297,7 @@ class Service:
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._buffered -= self._tasks.pop(task, 0)
+        self._task_partition.pop(task, None)
         self.metrics.in_flight.set(len(self._tasks))
         self.metrics.buffered_bytes.set(self._buffered)
 
@@ -322,6 +326,22 @@ class Service:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _drain_partitions(self, revoked: set[tuple[str, int]]) -> None:
+        """Before partitions go to another member, let their in-flight jobs finish (within
+        half the rebalance timeout), so their answers are committed here and not recomputed."""
+        tasks = [t for t, tp in self._task_partition.items() if tp in revoked]
+        if not tasks:
+            return
+        budget = self.settings.rebalance_timeout_ms / 2000.0
+        log.info(
+            "rebalance: finishing %d jobs of revoked partitions (up to %.1f s)", len(tasks), budget
+        )
+        _, pending = await asyncio.wait(tasks, timeout=budget)
+        if pending:
+            log.info(
+                "rebalance: %d jobs unfinished, their records will be redelivered", len(pending)
+            )
 
     # -- probes ------------------------------------------------------------------------------
 
@@ -434,9 +454,10 @@ class Service:
         span.record_exception(exc)
         span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
         if isinstance(exc, PublishError) and exc.retriable:
-            # the broker did not take the answer: leave the offset uncommitted (redelivery)
+            # the producer's own retries gave up on the answer (an unknown reply topic, say):
+            # dead-letter it rather than hold the partition's commits back; if the dead-letter
+            # topic cannot take it either, the offset stays uncommitted and it comes again
             log.error("could not publish the answer to offset %s: %s", record.offset, exc)
-            return False
         return await self._dead_letter(record, exc, stage, request, correlation, stats)
 
     def _count_retries(self, stats: JobStats) -> None:

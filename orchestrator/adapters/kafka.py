@@ -433,6 +433,7 @@ class KafkaConsumerAdapter:
         group_id: str | None = None,
         on_assign: PartitionsHook | None = None,
         on_revoke: PartitionsHook | None = None,
+        before_revoke: PartitionsHook | None = None,
         max_poll_interval_ms: int = 300_000,
         session_timeout_ms: int = 10_000,
         heartbeat_interval_ms: int = 3_000,
@@ -447,6 +448,9 @@ class KafkaConsumerAdapter:
         self.tracker = OffsetTracker()
         self._on_assign = on_assign
         self._on_revoke = on_revoke
+        #: runs first on revocation: lets in-flight work of those partitions finish, so that
+        #: its offsets are committed now rather than the records redelivered elsewhere
+        self._before_revoke = before_revoke
         self._options: dict[str, Any] = {
             **settings.client_kwargs(),
             "group_id": self.group_id,
@@ -569,6 +573,11 @@ class KafkaConsumerAdapter:
         return None if offset is None else int(offset)
 
     async def _on_revoked(self, revoked: set[PartitionKey]) -> None:
+        if revoked and self._before_revoke is not None:
+            try:
+                await self._before_revoke(revoked)
+            except Exception as exc:
+                log.warning("draining %s before revocation failed: %r", sorted(revoked), exc)
         if revoked and self._consumer is not None:
             try:
                 async with self._commit_lock:
