@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check orchestrator tests
+	$(VENV)/bin/ruff check orchestrator tests bench loadtest triton_models
 	$(VENV)/bin/mypy
 
 test: venv lint

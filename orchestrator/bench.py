@@ -61,7 +61,9 @@ Stats = dict[str, dict[str, int]]
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--presets", default="micro", help="comma-separated: micro, tiny (default micro)")
+    p.add_argument(
+        "--presets", default="micro", help="comma-separated: micro, tiny (default micro)"
+    )
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated in-flight bounds")
     p.add_argument("--requests", type=int, default=32, help="requests per run (default 32)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps (mixed: mean)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,6 +53,25 @@ class ModelInfo:
     #: model name -> version string, reported in results
     versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
     unet_max_batch_size: int = 0
+
+    @classmethod
+    def from_parameters(cls, p: Mapping[str, str], max_batch_size: int = 0) -> ModelInfo:
+        """From the unet model's config `parameters` (see docs/model-repository.md).
+
+        Raises KeyError or ValueError for a missing or garbled parameter."""
+        return cls(
+            latent_channels=int(p["latent_channels"]),
+            vae_scale_factor=int(p["vae_scale_factor"]),
+            scaling_factor=float(p["scaling_factor"]),
+            size_multiple=int(p["size_multiple"]),
+            default_height=int(p["default_height"]),
+            default_width=int(p["default_width"]),
+            text_max_length=int(p["text_max_length"]),
+            text_embed_dim=int(p["text_embed_dim"]),
+            scheduler_config=json.loads(p["scheduler_config"]),
+            versions={"source": p.get("source", "")},
+            unet_max_batch_size=max_batch_size,
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,6 @@ mapped once, here, to errors that say whether a retry may help.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -167,19 +166,7 @@ def _params(cfg: Mapping[str, Any]) -> dict[str, str]:
 def model_info_from_configs(unet: Mapping[str, Any]) -> ModelInfo:
     p = _params(unet)
     try:
-        return ModelInfo(
-            latent_channels=int(p["latent_channels"]),
-            vae_scale_factor=int(p["vae_scale_factor"]),
-            scaling_factor=float(p["scaling_factor"]),
-            size_multiple=int(p["size_multiple"]),
-            default_height=int(p["default_height"]),
-            default_width=int(p["default_width"]),
-            text_max_length=int(p["text_max_length"]),
-            text_embed_dim=int(p["text_embed_dim"]),
-            scheduler_config=json.loads(p["scheduler_config"]),
-            versions={"source": p.get("source", "")},
-            unet_max_batch_size=int(unet.get("max_batch_size", 0)),
-        )
+        return ModelInfo.from_parameters(p, int(unet.get("max_batch_size", 0)))
     except (KeyError, ValueError) as exc:
         raise ModelConfigError(
             f"the unet model's config lacks or garbles parameter {exc}; rebuild the repository "

@@ -80,19 +80,7 @@ class TritonPythonModel:
             from orchestrator.core import pipeline
         from orchestrator.domain import ModelInfo
 
-        p = self.params
-        self._info = ModelInfo(
-            latent_channels=int(p["latent_channels"]),
-            vae_scale_factor=int(p["vae_scale_factor"]),
-            scaling_factor=float(p["scaling_factor"]),
-            size_multiple=int(p["size_multiple"]),
-            default_height=int(p["default_height"]),
-            default_width=int(p["default_width"]),
-            text_max_length=int(p["text_max_length"]),
-            text_embed_dim=int(p["text_embed_dim"]),
-            scheduler_config=json.loads(p["scheduler_config"]),
-            versions={"source": p.get("source", "")},
-        )
+        self._info = ModelInfo.from_parameters(self.params)
         self._pipeline = pipeline
 
     def _call(self, model: str, inputs: Any, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
