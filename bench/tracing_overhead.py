@@ -31,7 +31,7 @@ from orchestrator.adapters.triton_server import TritonServer
 from orchestrator.client import Client
 from orchestrator.config import load_settings
 from orchestrator.domain import GenerationRequest
-from orchestrator.models.build import build_models
+from orchestrator.models.build import ensure_preset
 from orchestrator.service import Service, kafka_settings
 
 
@@ -124,8 +124,7 @@ async def one_run(
 
 async def main_async(args: argparse.Namespace) -> int:
     cache = Path(args.models_dir)
-    if not (cache / "repository" / "unet" / "config.pbtxt").exists():
-        build_models(preset=args.preset, source=None, out=cache, target="cpu")
+    ensure_preset(args.preset, cache)
     receiver = Receiver()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)

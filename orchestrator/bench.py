@@ -60,6 +60,9 @@ STAT_MODELS = ("tokenizer", "text_encoder", VAE_ENCODER, UNET, VAE_DECODER, BLS_
 Stats = dict[str, dict[str, int]]
 
 
+COHORTS = int(os.environ.get('BENCH_COHORTS', '1'))
+
+
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--presets", default="micro", help="comma-separated: micro, tiny (default micro)"
@@ -436,14 +439,9 @@ async def kafka_sender(
 
 
 def ensure_models(preset: str, out_dir: Path) -> Path:
-    from orchestrator.models.build import build_models
+    from orchestrator.models.build import ensure_preset
 
-    out = out_dir / preset
-    repo = out / "repository"
-    if not (repo / BLS_MODEL / "config.pbtxt").is_file():
-        print(f"building the {preset} models into {out} ...", flush=True)
-        build_models(preset, None, out)
-    return repo
+    return ensure_preset(preset, out_dir / preset)
 
 
 async def bench_preset(

@@ -29,14 +29,10 @@ class ComponentFailed(RuntimeError):
 
 
 def ensure_models(models_dir: Path, preset: str) -> Path:
-    """The repository under models_dir, built from the preset if it is not there yet."""
-    repo = models_dir / "repository"
-    if (repo / "unet" / "config.pbtxt").exists():
-        return repo
-    from orchestrator.models.build import build_models
+    """The repository under models_dir, built from the preset if missing or stale."""
+    from orchestrator.models.build import ensure_preset
 
-    print(f"building the {preset} models into {models_dir} ...", flush=True)
-    return build_models(preset=preset, source=None, out=models_dir, target="cpu")
+    return ensure_preset(preset, models_dir)
 
 
 class DevStack:

@@ -155,6 +155,13 @@ class TritonClient:
     async def model_info(self) -> ModelInfo:
         """Learn what the orchestrator needs from the models' config parameters."""
         unet = await self.model_config("unet")
+        encode = await self.model_config("encode_prompt")
+        outputs = {o.get("name") for o in encode.get("output", [])}
+        if "num_tokens" not in outputs:
+            raise ModelConfigError(
+                "the encode_prompt model has no num_tokens output: the repository was built by "
+                "an older version; rebuild it with `orchestrator models build`"
+            )
         return model_info_from_configs(unet)
 
 

@@ -21,6 +21,28 @@ class BuildError(Exception):
     """The build cannot run with the given arguments (bad source folder, bad preset)."""
 
 
+#: Bump when the repository's contract changes (tensors, parameters, models), so that cached
+#: builds (`orchestrator dev`, the benchmarks) are rebuilt instead of served stale.
+REPOSITORY_FORMAT = "2"  # 2: tokenizer/encode_prompt return num_tokens; pipeline_bls
+FORMAT_FILE = "orchestrator-format.txt"
+
+
+def is_current(repo: Path) -> bool:
+    """True when `repo` was written by a build of the current repository format."""
+    stamp = repo / FORMAT_FILE
+    return stamp.is_file() and stamp.read_text().strip() == REPOSITORY_FORMAT
+
+
+def ensure_preset(preset: str, out: Path) -> Path:
+    """OUT/repository for a preset, (re)built when missing or of an older format."""
+    repo = out / "repository"
+    if not is_current(repo):
+        reason = "missing" if not repo.exists() else "from an older version"
+        print(f"building the {preset} models into {out} ({reason}) ...", flush=True)
+        build_models(preset=preset, source=None, out=out, target="cpu")
+    return repo
+
+
 def _source_label(preset: str | None, source: str | None) -> str:
     if preset is not None:
         return preset
@@ -88,6 +110,7 @@ def build_models(
             source=_source_label(preset, source),
             queue_delay_us=queue_delay_us,
         )
+    (repo / FORMAT_FILE).write_text(REPOSITORY_FORMAT + "\n")
     return repo
 
 

@@ -60,7 +60,8 @@ def test_layout(built: dict[str, Path], preset: str) -> None:
     for stage in export.STAGES:
         assert (out / "onnx" / f"{stage}.onnx").is_file()
     repo = out / "repository"
-    assert sorted(p.name for p in repo.iterdir()) == sorted(repository.MODEL_NAMES)
+    assert sorted(p.name for p in repo.iterdir() if p.is_dir()) == sorted(repository.MODEL_NAMES)
+    assert sorted(p.name for p in repo.iterdir() if p.is_file()) == ["orchestrator-format.txt"]
     for stage in export.STAGES:
         assert (repo / stage / "1" / "model.onnx").read_bytes() == (
             out / "onnx" / f"{stage}.onnx"
@@ -272,3 +273,24 @@ def test_stage_template_helpers() -> None:
     tok = load_template("tokenizer")
     arr = np.array([[b"a cat"], ["caf\u00e9".encode()]], dtype=object)
     assert tok.decode_prompts(arr) == ["a cat", "caf\u00e9"]
+
+
+def test_cached_builds_of_an_older_format_are_rebuilt(
+    built: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.models import build as build_module
+
+    repo = built["micro"] / "repository"
+    assert build_module.is_current(repo)
+    stale = tmp_path / "stale"
+    (stale / "repository").mkdir(parents=True)
+    (stale / "repository" / build_module.FORMAT_FILE).write_text("0\n")
+    assert not build_module.is_current(stale / "repository")
+    calls: list[str] = []
+    monkeypatch.setattr(
+        build_module, "build_models", lambda **kw: calls.append(kw["preset"]) or kw["out"]
+    )
+    build_module.ensure_preset("micro", stale)
+    assert calls == ["micro"]
+    build_module.ensure_preset("micro", built["micro"])  # current: not rebuilt
+    assert calls == ["micro"]
