@@ -6,7 +6,10 @@ import asyncio
 import dataclasses
 import io
 import struct
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import pytest
@@ -267,3 +270,37 @@ async def test_long_prompt_is_truncated_and_the_result_says_so(kafka: Any, trito
         )
     assert a_long.result is not None and a_long.result.prompt_truncated is True
     assert a_short.result is not None and a_short.result.prompt_truncated is False
+
+
+async def test_large_images_go_to_the_output_dir_and_reply_topic_routing(
+    kafka: Any, triton: Any, tmp_path: Any
+) -> None:
+    from orchestrator.adapters.kafka import REPLY_TOPIC_HEADER
+    from orchestrator.adapters.kafka_broker import create_topics
+    from orchestrator.client import Client
+    from orchestrator.service import kafka_settings
+
+    settings = make_settings(kafka, triton, inline_image_max_bytes=0, output_dir=tmp_path / "img")
+    custom = settings.response_topic + "-custom"
+    request = GenerationRequest(prompt="stored", steps=2, num_images=2, request_id="uri-1")
+    async with running_service(settings):
+        await create_topics(settings.bootstrap_servers, [custom])
+        client = Client(
+            kafka_settings(settings),
+            request_topic=settings.request_topic,
+            response_topic=custom,
+            dlq_topic=settings.dlq_topic,
+        )
+        await client.start()
+        try:
+            rid = await client.send(request, headers=[(REPLY_TOPIC_HEADER, custom.encode())])
+            answer = await client.wait(rid, 120)
+        finally:
+            await client.stop()
+    assert answer.ok and answer.result is not None
+    expected = await direct(triton, request)
+    for image, want in zip(answer.result.images, expected, strict=True):
+        assert image.png is None and image.uri is not None
+        path = Path(url2pathname(urlparse(image.uri).path))
+        assert path.is_file() and path.is_relative_to(tmp_path / "img")
+        np.testing.assert_array_equal(decode_png(path.read_bytes()), want)
