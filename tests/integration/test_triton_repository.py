@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
+import tritonclient.grpc as grpcclient
+from tritonclient.utils import InferenceServerException
 
 from orchestrator.adapters.triton_server import TritonServer, TritonServerError
 from orchestrator.models import export
 
 pytestmark = pytest.mark.integration
 
-grpcclient = pytest.importorskip("tritonclient.grpc")
-InferenceServerException = pytest.importorskip("tritonclient.utils").InferenceServerException
 
 
 @pytest.fixture(scope="module")
