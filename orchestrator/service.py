@@ -364,11 +364,18 @@ class Service:
 
     async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
         started = time.monotonic()
+        delay = 1.0
         try:
-            answered = await self._process(record)
-            if answered:
-                self.consumer.mark_done(record)
-                self.metrics.request_duration.observe(time.monotonic() - started)
+            # neither the answer nor a dead letter reached the broker: try again (the slot
+            # stays taken, so a broker outage also holds back fetching) until it does, or
+            # until shutdown leaves the record uncommitted for redelivery
+            while not await self._process(record):
+                if self.stopping:
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+            self.consumer.mark_done(record)
+            self.metrics.request_duration.observe(time.monotonic() - started)
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -304,3 +304,27 @@ async def test_large_images_go_to_the_output_dir_and_reply_topic_routing(
         path = Path(url2pathname(urlparse(image.uri).path))
         assert path.is_file() and path.is_relative_to(tmp_path / "img")
         np.testing.assert_array_equal(decode_png(path.read_bytes()), want)
+
+
+async def test_answer_the_broker_did_not_take_is_retried_not_lost(kafka: Any, triton: Any) -> None:
+    from orchestrator.errors import PublishError
+
+    settings = make_settings(kafka, triton)
+    async with running_service(settings) as service, client_for(settings) as client:
+        real_publish = service.producer.publish
+        failures = {"left": 2}  # the answer, then its dead letter: neither reaches the broker
+
+        async def flaky_publish(*args: Any, **kwargs: Any) -> Any:
+            if failures["left"] > 0:
+                failures["left"] -= 1
+                raise PublishError("injected: broker did not acknowledge")
+            return await real_publish(*args, **kwargs)
+
+        service.producer.publish = flaky_publish  # type: ignore[method-assign]
+        answer = await client.generate(GenerationRequest(prompt="retry me", steps=2), 120)
+        await asyncio.sleep(0.5)
+        stats = service.stats
+    assert answer.ok, answer.reason
+    assert failures["left"] == 0
+    assert stats.answered == 1 and stats.dead_lettered == 0
+    assert client.watcher.duplicates == {}
