@@ -79,18 +79,6 @@ def sd15_runner(tokenizer_dir: str, device: str, small: bool) -> Any:
     )
 
 
-SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "skip_prk_steps": True,
-}
-
-
 class Timed:
     """Counts calls and rows that reach the runner (for the mean batch size)."""
 
@@ -115,8 +103,9 @@ async def run(runner: Any, mode: str, conc: int, n: int, steps: int, sched: str)
     from orchestrator.core.pipeline import start_job
     from orchestrator.domain import GenerationRequest
     from orchestrator.executor import run_job
+    from orchestrator.models.presets import SD15_SCHEDULER
 
-    info = runner.inner.model_info(SCHEDULER)
+    info = runner.inner.model_info(SD15_SCHEDULER)
     batcher = StepBatcher(runner, {"unet": 64, "encode_prompt": 64, "vae_decoder": 16})
     sem = asyncio.Semaphore(conc)
     latencies: list[float] = []

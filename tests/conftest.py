@@ -28,15 +28,8 @@ def triton(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     from orchestrator.adapters.triton_server import TritonServer
 
     work = tmp_path_factory.mktemp("tritonserver")
-    server = TritonServer(tiny_models / "repository", work_dir=work)
-    server.start()
-    try:
-        server.wait_ready(timeout=180)
-    except Exception:
-        server.stop()
-        raise
-    yield server
-    server.stop()
+    with TritonServer(tiny_models / "repository", work_dir=work, startup_timeout=180) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")
@@ -44,12 +37,5 @@ def kafka() -> Iterator[object]:
     """A real Kafka-compatible broker (Tansu); the session fails if it cannot start."""
     from orchestrator.adapters.kafka_broker import TansuBroker
 
-    broker = TansuBroker(0)
-    broker.start()
-    try:
-        broker.wait_ready(30)
-    except Exception:
-        broker.stop()
-        raise
-    yield broker
-    broker.stop()
+    with TansuBroker(0) as broker:
+        yield broker

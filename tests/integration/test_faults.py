@@ -169,21 +169,15 @@ async def test_service_sigkilled_three_times_loses_no_request(
 @pytest.fixture(scope="module")
 def own_triton(tiny_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """A tritonserver only these tests kill, on fixed ports reused across restarts."""
-    server = TritonServer(
+    with TritonServer(
         tiny_models / "repository",
         work_dir=tmp_path_factory.mktemp("own-triton"),
         grpc_port=free_port(),
         http_port=free_port(),
         metrics_port=free_port(),
-    )
-    server.start()
-    try:
-        server.wait_ready(timeout=180)
-    except Exception:
-        server.stop()
-        raise
-    yield server
-    server.stop()
+        startup_timeout=180,
+    ) as server:
+        yield server
 
 
 def kill_triton(server: TritonServer) -> None:

@@ -14,18 +14,7 @@ from orchestrator.core.pipeline import start_job
 from orchestrator.core.validation import Limits
 from orchestrator.domain import GenerationRequest, ModelInfo
 from orchestrator.errors import Disposition, ValidationError, disposition
-
-SD_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "set_alpha_to_one": False,
-    "clip_sample": False,
-}
+from orchestrator.models.presets import SD15_SCHEDULER
 
 INFO = ModelInfo(
     latent_channels=4,
@@ -36,7 +25,7 @@ INFO = ModelInfo(
     default_width=64,
     text_max_length=77,
     text_embed_dim=64,
-    scheduler_config=json.loads(json.dumps(SD_SCHEDULER)),
+    scheduler_config=json.loads(json.dumps(SD15_SCHEDULER)),
 )
 
 
