@@ -19,18 +19,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.adapters.triton_server import free_port
+
 if TYPE_CHECKING:
     from orchestrator.adapters.kafka import KafkaSettings
 
 
 class BrokerStartError(RuntimeError):
     """The broker process did not start or did not answer in time; carries the log tail."""
-
-
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def _api_versions_probe(host: str, port: int, timeout_s: float) -> bool:
@@ -135,7 +131,7 @@ class TansuBroker:
     def start(self) -> None:
         if self._process is not None:
             raise RuntimeError("broker already started")
-        self.port = self._requested_port or _free_port(self.host)
+        self.port = self._requested_port or free_port(self.host)
         if self._own_log and not self.log_path.exists():
             self.log_path.touch()
         with self.log_path.open("ab") as log:
