@@ -31,7 +31,7 @@ from orchestrator.adapters.kafka import (
     KafkaSettings,
     header_str,
 )
-from orchestrator.adapters.tracing import get_tracer, inject
+from orchestrator.adapters.tracing import get_tracer, producer_span
 from orchestrator.domain import GenerationRequest
 
 
@@ -226,18 +226,12 @@ class Client:
         if rid != request.request_id:
             request = dataclasses.replace(request, request_id=rid)
         self.watcher.expect(rid)
-        with self.tracer.start_as_current_span(
-            f"publish {self.request_topic}",
-            kind=trace.SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.operation.type": "publish",
-                "messaging.destination.name": self.request_topic,
-                "messaging.message.id": rid,
-            },
-        ):
-            out: Headers = [(CORRELATION_ID_HEADER, rid.encode()), *(headers or [])]
-            inject(out)  # the service's process span continues this trace
+        with producer_span(
+            self.tracer,
+            self.request_topic,
+            [(CORRELATION_ID_HEADER, rid.encode()), *(headers or [])],
+            message_id=rid,
+        ) as out:  # the service's process span continues this trace
             await self.producer.publish(
                 self.request_topic,
                 self.codec.encode_request(request),

@@ -6,8 +6,9 @@ every span free.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable, MutableSequence
+from collections.abc import Iterable, Iterator, MutableSequence
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -58,6 +59,30 @@ def grpc_metadata() -> dict[str, str]:
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier, setter=_DictSetter())
     return carrier
+
+
+@contextlib.contextmanager
+def producer_span(
+    tracer: trace.Tracer,
+    topic: str,
+    headers: Iterable[tuple[str, bytes]],
+    message_id: str | None = None,
+) -> Iterator[KafkaHeaders]:
+    """A `publish <topic>` producer span; yields the headers with its context injected, so the
+    consumer of the record continues this trace."""
+    attributes: dict[str, str] = {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "publish",
+        "messaging.destination.name": topic,
+    }
+    if message_id:
+        attributes["messaging.message.id"] = message_id
+    with tracer.start_as_current_span(
+        f"publish {topic}", kind=trace.SpanKind.PRODUCER, attributes=attributes
+    ):
+        out = list(headers)
+        inject(out)
+        yield out
 
 
 def tracing_disabled() -> bool:
