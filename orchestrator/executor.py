@@ -134,13 +134,17 @@ async def run_job(
             step_name = f"unet step {job.unet_calls}" if job.phase is Phase.DENOISE else call.model
             parent = trace.set_span_in_context(stage_span) if stage_span is not None else None
 
-            def before_sleep(state: RetryCallState, call: StageCall = call) -> None:
+            def count_retry(exc: BaseException, call: StageCall = call) -> None:
                 stats.retries += 1
                 if breaker is None or not breaker.is_open:
                     stats.counted_retries += 1
-                exc = state.outcome.exception() if state.outcome else None
-                if on_retry is not None and exc is not None:
+                if on_retry is not None:
                     on_retry(call, exc)
+
+            def before_sleep(state: RetryCallState) -> None:
+                exc = state.outcome.exception() if state.outcome else None
+                if exc is not None:
+                    count_retry(exc)
 
             with tracer.start_as_current_span(step_name, context=parent) as step_span:
                 if job.phase is Phase.DENOISE:
@@ -168,11 +172,7 @@ async def run_job(
                 except Exception as first:
                     if not retriable(first) or policy.attempts_per_call <= 1:
                         raise
-                    stats.retries += 1
-                    if breaker is None or not breaker.is_open:
-                        stats.counted_retries += 1
-                    if on_retry is not None:
-                        on_retry(call, first)
+                    count_retry(first)
                     await backoff(policy.initial_backoff_s)
                     async for attempt in AsyncRetrying(
                         stop=_Stop(policy.attempts_per_call - 1, deadline, breaker),

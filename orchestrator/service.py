@@ -40,7 +40,7 @@ from orchestrator.adapters.kafka import (
     header_str,
 )
 from orchestrator.adapters.metrics import Metrics
-from orchestrator.adapters.tracing import extract, get_tracer, inject
+from orchestrator.adapters.tracing import extract, get_tracer, producer_span
 from orchestrator.adapters.triton import TritonClient, grpc_code
 from orchestrator.batcher import BatchRecord, StepBatcher
 from orchestrator.breaker import CircuitBreaker
@@ -446,18 +446,17 @@ class Service:
                 answer = await self._generate_and_publish(
                     request, reply_topic, correlation, stats, span
                 )
-                stage = "publish"
                 self._remember(request.request_id, answer)
             self.stats.answered += 1
             self.metrics.requests.labels("answered").inc()
-            self._count_retries(stats)
+            self.stats.retries += stats.retries
             return True
         except _Failed as failed:
             exc = failed.error
             stage = failed.stage
         except Exception as e:
             exc = e
-        self._count_retries(stats)
+        self.stats.retries += stats.retries
         span.record_exception(exc)
         span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
         if isinstance(exc, PublishError) and exc.retriable:
@@ -466,9 +465,6 @@ class Service:
             # topic cannot take it either, the offset stays uncommitted and it comes again
             log.error("could not publish the answer to offset %s: %s", record.offset, exc)
         return await self._dead_letter(record, exc, stage, request, correlation, stats)
-
-    def _count_retries(self, stats: JobStats) -> None:
-        self.stats.retries += stats.retries
 
     async def _generate_and_publish(
         self,
@@ -587,17 +583,8 @@ class Service:
 
     async def _publish(self, answer: Answer) -> Answer:
         """Publish and await the broker's acknowledgement, inside a producer span."""
-        with self.tracer.start_as_current_span(
-            f"publish {answer.topic}",
-            kind=trace.SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "kafka",
-                "messaging.operation.type": "publish",
-                "messaging.destination.name": answer.topic,
-            },
-        ):
-            headers = list(answer.headers)
-            inject(headers)  # the trace goes on with the answer
+        with producer_span(self.tracer, answer.topic, answer.headers) as headers:
+            # the trace goes on with the answer
             await self.producer.publish(answer.topic, answer.value, key=answer.key, headers=headers)
         return dataclasses.replace(answer, headers=headers)
 
