@@ -16,13 +16,9 @@ import sys
 import tempfile
 import time
 import uuid
-from concurrent import futures
 from pathlib import Path
-from typing import Any
 
-import grpc
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -33,17 +29,7 @@ from orchestrator.config import load_settings
 from orchestrator.domain import GenerationRequest
 from orchestrator.models.build import ensure_preset
 from orchestrator.service import Service, kafka_settings
-
-
-class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
-        self.spans = 0
-
-    def Export(self, request: Any, context: Any) -> Any:
-        for rs in request.resource_spans:
-            for ss in rs.scope_spans:
-                self.spans += len(ss.spans)
-        return trace_service_pb2.ExportTraceServiceResponse()
+from orchestrator.testing import OtlpReceiver
 
 
 async def one_run(
@@ -125,11 +111,8 @@ async def one_run(
 async def main_async(args: argparse.Namespace) -> int:
     cache = Path(args.models_dir)
     ensure_preset(args.preset, cache)
-    receiver = Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
+    receiver = OtlpReceiver()
+    receiver.start()
     broker = TansuBroker(0)
     broker.start()
     broker.wait_ready(30)
@@ -141,7 +124,7 @@ async def main_async(args: argparse.Namespace) -> int:
     try:
         for _ in range(args.rounds):
             for mode in ("off", "on"):
-                r = await one_run(broker, triton, mode == "on", f"127.0.0.1:{port}", args)
+                r = await one_run(broker, triton, mode == "on", receiver.endpoint, args)
                 results[mode].append(r)
                 print(
                     f"  {mode:3s}: {r['throughput']:.2f} img/s, p50 {r['p50']:.0f} ms, "
@@ -151,7 +134,7 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         triton.stop()
         broker.stop()
-        server.stop(1)
+        receiver.stop()
 
     def mean(mode: str, key: str) -> float:
         return statistics.fmean(r[key] for r in results[mode])
@@ -159,7 +142,7 @@ async def main_async(args: argparse.Namespace) -> int:
     print(
         f"\ntracing overhead, preset {args.preset}, {args.requests} requests x {args.steps} "
         f"steps, concurrency {args.concurrency}, {args.rounds} rounds alternating off/on "
-        f"({receiver.spans} spans exported over OTLP/gRPC)"
+        f"({len(receiver.spans())} spans exported over OTLP/gRPC)"
     )
     print(f"{'tracing':8s} {'img/s':>8s} {'p50 ms':>8s} {'p95 ms':>8s}")
     for mode in ("off", "on"):

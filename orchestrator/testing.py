@@ -138,3 +138,57 @@ def to_uint8(images: npt.NDArray[np.float32]) -> npt.NDArray[np.uint8]:
     """diffusers' numpy output ([0, 1] floats, NHWC) to uint8 the way its PIL output does."""
     out: npt.NDArray[np.uint8] = (images * 255.0).round().astype(np.uint8)
     return out
+
+
+class OtlpReceiver:
+    """An OTLP/gRPC trace receiver (what a collector or Jaeger listens with), for tests and
+    benchmarks: `endpoint` for the exporter; spans received are collected."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        self.requests: list[Any] = []
+        receiver = self
+
+        class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):  # type: ignore[misc]
+            def Export(self, request: Any, context: Any) -> Any:
+                receiver.requests.append(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.endpoint = f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop(1)
+
+    def __enter__(self) -> OtlpReceiver:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def spans(self) -> list[tuple[str, Any]]:
+        """(service.name, span) of every span received."""
+        out: list[tuple[str, Any]] = []
+        for req in self.requests:
+            for rs in req.resource_spans:
+                service = next(
+                    (
+                        a.value.string_value
+                        for a in rs.resource.attributes
+                        if a.key == "service.name"
+                    ),
+                    "",
+                )
+                for ss in rs.scope_spans:
+                    out.extend((service, span) for span in ss.spans)
+        return out

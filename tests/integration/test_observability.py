@@ -6,13 +6,10 @@ import asyncio
 import dataclasses
 import urllib.error
 import urllib.request
-from concurrent import futures
 from typing import Any
 
-import grpc
 import pytest
 from opentelemetry import trace
-from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -20,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.adapters.kafka import header_str
 from orchestrator.domain import GenerationRequest
+from orchestrator.testing import OtlpReceiver
 from tests.integration.service_harness import client_for, make_settings, running_service
 
 pytestmark = pytest.mark.integration
@@ -128,29 +126,15 @@ async def test_span_tree_links_and_continuity(kafka: Any, triton: Any) -> None:
     assert any(e.name == "exception" for e in process.events)
 
 
-class _Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    def __init__(self) -> None:
-        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
-
-    def Export(self, request: Any, context: Any) -> Any:
-        self.requests.append(request)
-        return trace_service_pb2.ExportTraceServiceResponse()
-
-
 async def test_spans_exported_over_otlp_grpc(kafka: Any, triton: Any) -> None:
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    receiver = _Receiver()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    server.start()
-    try:
+    with OtlpReceiver() as receiver:
         provider = TracerProvider(resource=Resource.create({"service.name": "orchestrator-test"}))
         provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=f"127.0.0.1:{port}", insecure=True))
+            BatchSpanProcessor(OTLPSpanExporter(endpoint=receiver.endpoint, insecure=True))
         )
         settings = make_settings(kafka, triton)
         async with (
@@ -163,17 +147,8 @@ async def test_spans_exported_over_otlp_grpc(kafka: Any, triton: Any) -> None:
         assert answer.ok
         provider.force_flush()
         provider.shutdown()
-    finally:
-        server.stop(1)
-    names = set()
-    services = set()
-    for req in receiver.requests:
-        for rs in req.resource_spans:
-            for attr in rs.resource.attributes:
-                if attr.key == "service.name":
-                    services.add(attr.value.string_value)
-            for ss in rs.scope_spans:
-                names.update(s.name for s in ss.spans)
+    names = {span.name for _, span in receiver.spans()}
+    services = {service for service, _ in receiver.spans()}
     assert "orchestrator-test" in services
     assert {f"process {settings.request_topic}", "denoise", "batch unet"} <= names
 
