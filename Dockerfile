@@ -24,15 +24,15 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the CPU index; the package's own `torch==X` pin is then already satisfied.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
-# The package resolves avro/ and triton_models/ next to its source folder, so it is installed
-# in editable mode from /app, and /app is copied to the same path in the runtime stage.
+# A plain (non-editable) install: the wheel carries avro/ and triton_models/ as package data,
+# so the runtime stage needs only the virtual environment, not the source.
 # open_clip ships the CLIP BPE vocabulary used by `models build --preset` (installed without deps).
-WORKDIR /app
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY orchestrator ./orchestrator
 COPY avro ./avro
 COPY triton_models ./triton_models
-RUN pip install --no-cache-dir -e . \
+RUN pip install --no-cache-dir . \
     && pip install --no-cache-dir --no-deps "open_clip_torch==3.3.0"
 
 # --- runtime stage --------------------------------------------------------------------------
@@ -58,9 +58,8 @@ RUN groupadd --system --gid 10001 orchestrator \
     && chown -R orchestrator:orchestrator /var/lib/orchestrator
 
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /app /app
 
-WORKDIR /app
+WORKDIR /var/lib/orchestrator
 USER 10001:10001
 
 EXPOSE 9400

@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# PyTorch's CPU wheels (the default index would pull a multi-GB CUDA build). An extra index: where
+# pip's own configuration already offers the CPU build (find-links), that file is taken as before;
+# `make TORCH_INDEX_URL=` leaves it out.
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: venv test test-unit test-fast lint demo models clean
 
@@ -11,8 +15,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch lies on this machine's disk; any other spec pulls a CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# The CPU build of torch: from pip's find-links where it lies on disk, else from TORCH_INDEX_URL
+	# (its `+cpu` local version sorts above the CUDA build of the same version on PyPI).
+	$(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	# open_clip ships the real CLIP BPE vocabulary; its torchvision dependency is not needed.
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0

