@@ -45,6 +45,7 @@ import gevent.lock
 from locust import User, constant, events, task
 from locust.env import Environment
 
+from orchestrator.adapters.avro import make_codec
 from orchestrator.adapters.kafka import KafkaSettings
 from orchestrator.client import Answer, Client
 from orchestrator.config import Settings, load_settings
@@ -132,6 +133,7 @@ class Shared:
                     request_topic=settings.request_topic,
                     response_topic=settings.response_topic,
                     dlq_topic=settings.dlq_topic,
+                    codec=make_codec(settings),  # the service's schema ids (local or registry)
                     max_record_bytes=settings.max_request_bytes,
                 )
                 bridge.call(client.start(), timeout=60)

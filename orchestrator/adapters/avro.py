@@ -1,9 +1,14 @@
-"""Avro records on the wire: the Confluent framing, schema ids, schema evolution.
+"""Avro records on the wire: the Confluent framing, the record types, schema evolution.
 
 Wire format (Confluent): ``0x00`` magic byte, 4-byte big-endian schema id, Avro binary body.
-The writer schema is looked up by id in a :class:`SchemaRegistry`; the reader schema is the
-current version from ``avro/``, so older writers decode through Avro schema resolution (new
-fields take their defaults).
+The writer schema is looked up by id in a
+:class:`~orchestrator.adapters.schema_registry.SchemaRegistry`; the reader schema is the current
+version from ``avro/``, so older writers decode through Avro schema resolution (new fields take
+their defaults).
+
+I/O happens in two async calls only: :meth:`AvroCodec.prepare` (register the current schemas,
+once at start) and :meth:`AvroCodec.resolve` (load a record's writer schema); encoding and
+decoding are then synchronous and work from the cache.
 
 Every decoding failure becomes :class:`~orchestrator.errors.DecodeError` (or its subclass
 :class:`~orchestrator.errors.UnknownSchemaError`); fastavro's own exceptions never leave here.
@@ -13,245 +18,31 @@ Field ranges are not checked here (the core validates); types and shapes are.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 import struct
-import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Final
 
 import fastavro
-import fastavro.schema
 
-from orchestrator.domain import GeneratedImages, GenerationRequest
-from orchestrator.errors import DecodeError, OrchestratorError, UnknownSchemaError, reason_of
-from orchestrator.imagefile import encode_png
+from orchestrator.adapters.schema_registry import (
+    HttpSchemaRegistry,
+    LocalSchemaDirectory,
+    SchemaRegistry,
+)
+from orchestrator.domain import GenerationRequest
+from orchestrator.errors import DecodeError
+
+if TYPE_CHECKING:
+    from orchestrator.config import Settings
 
 MAGIC_BYTE: Final = 0
 HEADER_SIZE: Final = 5
 NAMESPACE: Final = "ai.orchestrator.v1"
 REQUEST_SCHEMA: Final = f"{NAMESPACE}.GenerationRequest"
 RESULT_SCHEMA: Final = f"{NAMESPACE}.GenerationResult"
-FAILURE_SCHEMA: Final = f"{NAMESPACE}.GenerationFailure"
-#: the ``avro/`` folder of this repository
-DEFAULT_SCHEMA_DIR: Final = Path(__file__).resolve().parents[2] / "avro"
-IDS_FILE: Final = "schema-ids.json"
-
-Schema = dict[str, Any]
-
-
-class SchemaRegistryUnavailable(OrchestratorError):
-    """The schema registry could not be reached; the record itself may be fine."""
-
-    retriable = True
-    reason = "schema_registry_unavailable"
-
-
-def fingerprint(schema: Any) -> str:
-    """sha256 (hex) of the Avro parsing canonical form: equal for equivalent schemas."""
-    parsed = fastavro.parse_schema(schema, _write_hint=False)
-    canonical = fastavro.schema.to_parsing_canonical_form(parsed)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def schema_name(schema: Mapping[str, Any]) -> str:
-    """Full name of a named schema (namespace.name)."""
-    name = str(schema.get("name", ""))
-    namespace = schema.get("namespace")
-    if "." in name or not namespace:
-        return name
-    return f"{namespace}.{name}"
-
-
-@runtime_checkable
-class SchemaRegistry(Protocol):
-    """Where writer schemas live, by id (a local directory or a Confluent Schema Registry)."""
-
-    def schema_by_id(self, schema_id: int) -> Schema:
-        """The writer schema with this id. Raises UnknownSchemaError when there is none."""
-        ...
-
-    def register(self, subject: str, schema: Schema) -> int:
-        """The id of ``schema`` under ``subject``, registering it if the registry allows."""
-        ...
-
-
-class LocalSchemaDirectory:
-    """Schemas from a folder of ``.avsc`` files with permanent ids in ``schema-ids.json``.
-
-    ``schema-ids.json`` maps id -> file and the schema's fingerprint. Ids are never reused and
-    listed files never edited (a changed fingerprint is refused at load), so a record written
-    with an old id always resolves to the schema it was written with. The current schema of a
-    record type is the one with the highest id among those of that full name.
-    """
-
-    def __init__(self, path: str | Path = DEFAULT_SCHEMA_DIR) -> None:
-        self.path = Path(path)
-        ids_path = self.path / IDS_FILE
-        try:
-            listing = json.loads(ids_path.read_text(encoding="utf-8"))
-            entries: Mapping[str, Any] = listing["schemas"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"cannot read schema ids from {ids_path}: {exc}") from exc
-        self._by_id: dict[int, Schema] = {}
-        self._by_fingerprint: dict[str, int] = {}
-        self._current: dict[str, int] = {}
-        for key, entry in entries.items():
-            schema_id = int(key)
-            file = self.path / str(entry["file"])
-            schema = json.loads(file.read_text(encoding="utf-8"))
-            actual = fingerprint(schema)
-            if actual != entry["fingerprint"]:
-                raise ValueError(
-                    f"{file} changed after id {schema_id} was assigned to it (fingerprint "
-                    f"{actual} != {entry['fingerprint']}); published schemas are immutable: "
-                    "restore the file and add the new version as a new file with a new id"
-                )
-            self._by_id[schema_id] = schema
-            self._by_fingerprint[actual] = schema_id
-            name = schema_name(schema)
-            if schema_id > self._current.get(name, -1):
-                self._current[name] = schema_id
-
-    @property
-    def ids(self) -> dict[int, str]:
-        """id -> full record name, for every known schema."""
-        return {i: schema_name(s) for i, s in sorted(self._by_id.items())}
-
-    def current_id(self, name: str) -> int:
-        try:
-            return self._current[name]
-        except KeyError:
-            raise UnknownSchemaError(f"no schema named {name} in {self.path}") from None
-
-    def current(self, name: str) -> Schema:
-        """The newest schema (highest id) of the record type ``name``."""
-        return self._by_id[self.current_id(name)]
-
-    def schema_by_id(self, schema_id: int) -> Schema:
-        try:
-            return self._by_id[schema_id]
-        except KeyError:
-            known = ", ".join(str(i) for i in sorted(self._by_id))
-            raise UnknownSchemaError(
-                f"unknown schema id {schema_id} (known ids in {self.path / IDS_FILE}: {known}); "
-                "was the record written against another schema registry?"
-            ) from None
-
-    def register(self, subject: str, schema: Schema) -> int:
-        try:
-            return self._by_fingerprint[fingerprint(schema)]
-        except KeyError:
-            raise UnknownSchemaError(
-                f"schema for subject {subject} is not listed in {self.path / IDS_FILE}; "
-                "add it there with a new id"
-            ) from None
-
-
-class HttpSchemaRegistry:
-    """A Confluent Schema Registry over its REST API (stdlib urllib), with caches.
-
-    ``GET /schemas/ids/{id}`` for writer schemas, ``POST /subjects/{subject}/versions`` to
-    register (idempotent: an existing identical schema returns its id). Calls block; the codec
-    caches results, and :meth:`AvroCodec.prepare` registers everything once at start-up.
-    """
-
-    def __init__(
-        self,
-        url: str,
-        *,
-        timeout_s: float = 5.0,
-        auth: tuple[str, str] | None = None,
-    ) -> None:
-        self.url = url.rstrip("/")
-        self.timeout_s = timeout_s
-        self._auth_header: str | None = None
-        if auth is not None:
-            import base64
-
-            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode("ascii")
-            self._auth_header = f"Basic {token}"
-        self._by_id: dict[int, Schema] = {}
-        self._registered: dict[tuple[str, str], int] = {}
-        self._lock = threading.Lock()
-
-    def _call(self, method: str, path: str, body: Any = None) -> Any:
-        data = None if body is None else json.dumps(body).encode("utf-8")
-        request = urllib.request.Request(self.url + path, data=data, method=method)
-        request.add_header("Accept", "application/vnd.schemaregistry.v1+json")
-        if data is not None:
-            request.add_header("Content-Type", "application/vnd.schemaregistry.v1+json")
-        if self._auth_header:
-            request.add_header("Authorization", self._auth_header)
-        with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-            return json.loads(response.read().decode("utf-8"))
-
-    def schema_by_id(self, schema_id: int) -> Schema:
-        with self._lock:
-            cached = self._by_id.get(schema_id)
-        if cached is not None:
-            return cached
-        try:
-            answer = self._call("GET", f"/schemas/ids/{schema_id}")
-            schema_type = answer.get("schemaType", "AVRO")
-            if schema_type != "AVRO":
-                raise DecodeError(f"schema id {schema_id} is a {schema_type} schema, not Avro")
-            schema = json.loads(answer["schema"])
-        except urllib.error.HTTPError as exc:
-            if exc.code == 404:
-                raise UnknownSchemaError(
-                    f"unknown schema id {schema_id} at schema registry {self.url}"
-                ) from None
-            raise SchemaRegistryUnavailable(
-                f"schema registry {self.url} answered HTTP {exc.code} for id {schema_id}"
-            ) from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise SchemaRegistryUnavailable(
-                f"schema registry {self.url} unreachable: {exc}"
-            ) from exc
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DecodeError(
-                f"schema registry returned an unreadable schema for id {schema_id}: {exc}"
-            ) from exc
-        if not isinstance(schema, dict):
-            raise DecodeError(f"schema id {schema_id} is not a record schema")
-        with self._lock:
-            self._by_id[schema_id] = schema
-        return schema
-
-    def register(self, subject: str, schema: Schema) -> int:
-        key = (subject, fingerprint(schema))
-        with self._lock:
-            cached = self._registered.get(key)
-        if cached is not None:
-            return cached
-        quoted = urllib.parse.quote(subject, safe="")
-        try:
-            answer = self._call(
-                "POST", f"/subjects/{quoted}/versions", {"schema": json.dumps(schema)}
-            )
-            schema_id = int(answer["id"])
-        except urllib.error.HTTPError as exc:
-            raise SchemaRegistryUnavailable(
-                f"schema registry {self.url} refused subject {subject}: HTTP {exc.code}"
-            ) from exc
-        except (urllib.error.URLError, OSError) as exc:
-            raise SchemaRegistryUnavailable(
-                f"schema registry {self.url} unreachable: {exc}"
-            ) from exc
-        except (ValueError, KeyError, TypeError) as exc:
-            raise SchemaRegistryUnavailable(
-                f"schema registry {self.url} gave no id for {subject}: {exc}"
-            ) from exc
-        with self._lock:
-            self._registered[key] = schema_id
-            self._by_id[schema_id] = schema
-        return schema_id
+#: the record types this codec reads and writes
+RECORD_TYPES: Final = (REQUEST_SCHEMA, RESULT_SCHEMA)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,16 +54,15 @@ def frame(schema_id: int, body: bytes) -> bytes:
     return struct.pack(">bI", MAGIC_BYTE, schema_id) + body
 
 
-def unframe(data: bytes) -> tuple[int, bytes]:
-    """Split a Confluent-framed record into (schema id, Avro body); DecodeError if it is not."""
+def schema_id_of(data: bytes) -> int:
+    """The schema id in a Confluent-framed record's header; DecodeError if it is not framed."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise DecodeError(f"record value must be bytes, got {type(data).__name__}")
-    data = bytes(data)
     if not data:
         raise DecodeError("empty record value (a tombstone?); expected a Confluent Avro record")
     if data[0] != MAGIC_BYTE:
         hint = ""
-        if data[:1] in (b"{", b"["):
+        if bytes(data[:1]) in (b"{", b"["):
             hint = " (looks like JSON)"
         raise DecodeError(
             f"expected magic byte 0, got 0x{data[0]:02x}{hint}; "
@@ -284,7 +74,13 @@ def unframe(data: bytes) -> tuple[int, bytes]:
             "(magic byte + 4-byte schema id)"
         )
     (schema_id,) = struct.unpack(">I", data[1:HEADER_SIZE])
-    return schema_id, data[HEADER_SIZE:]
+    return int(schema_id)
+
+
+def unframe(data: bytes) -> tuple[int, bytes]:
+    """Split a Confluent-framed record into (schema id, Avro body); DecodeError if it is not."""
+    schema_id = schema_id_of(data)
+    return schema_id, bytes(data[HEADER_SIZE:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,17 +112,6 @@ class GenerationResultRecord:
 
 
 @dataclasses.dataclass(frozen=True)
-class GenerationFailureRecord:
-    """Why a request failed, as sent to a reply topic / dead-letter topic."""
-
-    error_class: str
-    reason: str
-    message: str
-    request_id: str | None = None
-    stage: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
 class DecodedRequest:
     """A decoded request plus the wire-only facts the domain type does not carry."""
 
@@ -335,51 +120,23 @@ class DecodedRequest:
     schema_id: int
 
 
-def result_record(
-    request_id: str,
-    generated: GeneratedImages,
-    *,
-    metadata: Mapping[str, str] | None = None,
-) -> GenerationResultRecord:
-    """Build the result record of a finished job, PNG-encoding each image inline."""
-    images = tuple(
-        ImageRecord(index=i, width=int(img.shape[1]), height=int(img.shape[0]), png=encode_png(img))
-        for i, img in enumerate(generated.images)
-    )
-    return GenerationResultRecord(
-        request_id=request_id,
-        images=images,
-        seed=generated.seed,
-        timings_ms=dict(generated.timings_ms),
-        model_versions=dict(generated.model_versions),
-        prompt_truncated=generated.prompt_truncated,
-        metadata=dict(metadata or {}),
-    )
-
-
-def failure_record(exc: BaseException, request_id: str | None = None) -> GenerationFailureRecord:
-    """Describe an exception as a failure record (reason strings from orchestrator.errors)."""
-    stage = exc.stage if isinstance(exc, OrchestratorError) else None
-    message = exc.message if isinstance(exc, OrchestratorError) else str(exc)
-    return GenerationFailureRecord(
-        error_class=type(exc).__qualname__,
-        reason=reason_of(exc),
-        message=message,
-        request_id=request_id,
-        stage=stage,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # the codec
 
 
+class SchemaNotLoaded(RuntimeError):
+    """A registry-backed codec was asked to encode or decode before its async preparation."""
+
+
 class AvroCodec:
-    """Encode/decode requests, results and failures in the Confluent Avro wire format.
+    """Encode/decode requests and results in the Confluent Avro wire format.
 
     Writers use the current schema of each type (from ``schemas``) and the id the ``registry``
     gives it; readers resolve the writer schema named by the record's id against the current
-    one. ``registry`` defaults to ``schemas`` itself (local ids from ``schema-ids.json``).
+    one. ``registry`` defaults to ``schemas`` itself (local ids from ``schema-ids.json``), which
+    needs no I/O: with it every method works without :meth:`prepare` or :meth:`resolve`. With a
+    remote registry, ``await prepare()`` before encoding and ``await resolve(data)`` before
+    decoding ``data``; the sync methods then never do I/O.
     """
 
     def __init__(
@@ -389,40 +146,68 @@ class AvroCodec:
     ) -> None:
         self.schemas = schemas if schemas is not None else LocalSchemaDirectory()
         self.registry: SchemaRegistry = registry if registry is not None else self.schemas
-        self._readers: dict[str, Any] = {}
+        self._readers: dict[str, Any] = {
+            name: fastavro.parse_schema(self.schemas.current(name)) for name in RECORD_TYPES
+        }
         self._writer_ids: dict[str, int] = {}
         self._parsed_writers: dict[int, Any] = {}
-        self._lock = threading.Lock()
-        for name in (REQUEST_SCHEMA, RESULT_SCHEMA, FAILURE_SCHEMA):
-            self._readers[name] = fastavro.parse_schema(self.schemas.current(name))
 
-    def prepare(self) -> dict[str, int]:
+    @property
+    def _local(self) -> LocalSchemaDirectory | None:
+        """The registry when it is a local directory (lookups need no I/O)."""
+        return self.registry if isinstance(self.registry, LocalSchemaDirectory) else None
+
+    async def prepare(self) -> dict[str, int]:
         """Register (or look up) every current schema now; returns full name -> schema id."""
-        return {name: self._writer_id(name) for name in self._readers}
+        for name in RECORD_TYPES:
+            if name not in self._writer_ids:
+                # RecordNameStrategy: one subject per record type, whatever the topic
+                self._writer_ids[name] = await self.registry.register(
+                    name, self.schemas.current(name)
+                )
+        return dict(self._writer_ids)
+
+    async def resolve(self, data: bytes) -> None:
+        """Make sure the writer schema of the framed record ``data`` is loaded, so the sync
+        decode methods work on it without I/O.
+
+        Raises DecodeError (not a Confluent-framed record, or a writer schema that is not valid
+        Avro), UnknownSchemaError (the registry does not know the id) or, retriable,
+        SchemaRegistryUnavailable (the registry could not say).
+        """
+        schema_id = schema_id_of(data)
+        if schema_id in self._parsed_writers:
+            return
+        raw = await self.registry.schema_by_id(schema_id)
+        self._parsed_writers.setdefault(schema_id, _parse_writer(schema_id, raw))
+
+    async def aclose(self) -> None:
+        """Close the registry's connections."""
+        await self.registry.aclose()
 
     def _writer_id(self, name: str) -> int:
         cached = self._writer_ids.get(name)
         if cached is not None:
             return cached
-        # RecordNameStrategy: one subject per record type, whatever the topic
-        schema_id = self.registry.register(name, self.schemas.current(name))
-        with self._lock:
-            self._writer_ids[name] = schema_id
+        local = self._local
+        if local is None:
+            raise SchemaNotLoaded(
+                f"no schema id for {name} yet: await codec.prepare() before encoding"
+            )
+        schema_id = self._writer_ids[name] = local.id_of(name, self.schemas.current(name))
         return schema_id
 
     def _writer_schema(self, schema_id: int) -> Any:
         cached = self._parsed_writers.get(schema_id)
         if cached is not None:
             return cached
-        raw = self.registry.schema_by_id(schema_id)
-        try:
-            parsed = fastavro.parse_schema(raw)
-        except Exception as exc:
-            raise DecodeError(
-                f"writer schema id {schema_id} is not a valid Avro schema: {exc}"
-            ) from exc
-        with self._lock:
-            self._parsed_writers[schema_id] = parsed
+        local = self._local
+        if local is None:
+            raise SchemaNotLoaded(
+                f"writer schema id {schema_id} is not loaded: await codec.resolve(data) "
+                "before decoding"
+            )
+        parsed = self._parsed_writers[schema_id] = _parse_writer(schema_id, local.schema(schema_id))
         return parsed
 
     # -- generic -----------------------------------------------------------------------------
@@ -582,23 +367,33 @@ class AvroCodec:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DecodeError(f"result (schema id {schema_id}) has a bad shape: {exc}") from exc
 
-    # -- failures ----------------------------------------------------------------------------
 
-    def encode_failure(self, failure: GenerationFailureRecord) -> bytes:
-        return self.encode(FAILURE_SCHEMA, dataclasses.asdict(failure))
+def _parse_writer(schema_id: int, raw: Any) -> Any:
+    try:
+        return fastavro.parse_schema(raw)
+    except Exception as exc:
+        raise DecodeError(
+            f"writer schema id {schema_id} is not a valid Avro schema: {exc}"
+        ) from exc
 
-    def decode_failure(self, data: bytes) -> GenerationFailureRecord:
-        datum, schema_id = self.decode(FAILURE_SCHEMA, data)
-        try:
-            return GenerationFailureRecord(
-                error_class=_str(datum["error_class"]),
-                reason=_str(datum["reason"]),
-                message=_str(datum["message"]),
-                request_id=None if datum["request_id"] is None else _str(datum["request_id"]),
-                stage=None if datum["stage"] is None else _str(datum["stage"]),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DecodeError(f"failure (schema id {schema_id}) has a bad shape: {exc}") from exc
+
+def make_codec(settings: Settings) -> AvroCodec:
+    """The codec the settings describe: local schema ids, or a schema registry."""
+    schemas = LocalSchemaDirectory(settings.schema_dir) if settings.schema_dir else None
+    registry: SchemaRegistry | None = None
+    if settings.schema_registry_url:
+        password = settings.schema_registry_password
+        registry = HttpSchemaRegistry(
+            settings.schema_registry_url,
+            username=settings.schema_registry_username,
+            password=None if password is None else password.get_secret_value(),
+            ca_file=settings.schema_registry_ca_file,
+            cert_file=settings.schema_registry_cert_file,
+            key_file=settings.schema_registry_key_file,
+            timeout_s=settings.schema_registry_timeout_s,
+            negative_ttl_s=settings.schema_registry_negative_ttl_s,
+        )
+    return AvroCodec(registry=registry, schemas=schemas)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,25 +437,18 @@ def _str_map(value: Any) -> dict[str, str]:
 
 
 __all__: Sequence[str] = (
-    "DEFAULT_SCHEMA_DIR",
-    "FAILURE_SCHEMA",
+    "HEADER_SIZE",
     "MAGIC_BYTE",
+    "RECORD_TYPES",
     "REQUEST_SCHEMA",
     "RESULT_SCHEMA",
     "AvroCodec",
     "DecodedRequest",
-    "GenerationFailureRecord",
     "GenerationResultRecord",
-    "HttpSchemaRegistry",
     "ImageRecord",
-    "LocalSchemaDirectory",
-    "SchemaRegistry",
-    "SchemaRegistryUnavailable",
-    "encode_png",
-    "failure_record",
-    "fingerprint",
+    "SchemaNotLoaded",
     "frame",
-    "result_record",
-    "schema_name",
+    "make_codec",
+    "schema_id_of",
     "unframe",
 )

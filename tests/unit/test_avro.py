@@ -7,11 +7,7 @@ import io
 import json
 import shutil
 import struct
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
 
 import fastavro
 import numpy as np
@@ -20,23 +16,25 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.adapters.avro import (
-    DEFAULT_SCHEMA_DIR,
-    FAILURE_SCHEMA,
     REQUEST_SCHEMA,
     RESULT_SCHEMA,
     AvroCodec,
-    GenerationFailureRecord,
     GenerationResultRecord,
-    HttpSchemaRegistry,
     ImageRecord,
-    LocalSchemaDirectory,
-    SchemaRegistryUnavailable,
-    failure_record,
     frame,
-    result_record,
 )
-from orchestrator.domain import GeneratedImages, GenerationRequest
-from orchestrator.errors import DecodeError, UnknownSchemaError, ValidationError
+from orchestrator.adapters.schema_registry import (
+    DEFAULT_SCHEMA_DIR,
+    IDS_FILE,
+    LocalSchemaDirectory,
+    fingerprint,
+    schema_name,
+)
+from orchestrator.domain import GenerationRequest
+from orchestrator.errors import DecodeError, UnknownSchemaError
+from orchestrator.imagefile import encode_png
+
+FAILURE_SCHEMA = "ai.orchestrator.v1.GenerationFailure"
 
 CODEC = AvroCodec()
 
@@ -58,15 +56,72 @@ FULL_REQUEST = GenerationRequest(
 )
 
 
-def test_schema_ids_are_stable() -> None:
+#: every schema id ever assigned, with the fingerprint it was assigned to. Append a line when
+#: avro/schema-ids.json gets a new id; never change or remove a line.
+ID_HISTORY = {
+    1: (REQUEST_SCHEMA, "b7d1b597647572aba0bf0a6badfb258808df5f534cd38e6a365457881ac4f3a3"),
+    2: (REQUEST_SCHEMA, "64b33e2a21b66d7519409e00a9778106f83b726e6a79e296c0256f412a0fd52d"),
+    3: (RESULT_SCHEMA, "ca9e7388c8e9a1aa6e50022e7a470f0c09febbddb5b903fb71a9abdeb626f452"),
+    4: (FAILURE_SCHEMA, "958c3ba96168b1741dd506ac97ff0b6f47dba581af32a82fab749a96d6dfb4a1"),
+}
+
+
+async def test_schema_ids_are_stable() -> None:
     directory = LocalSchemaDirectory()
-    assert directory.ids == {
-        1: REQUEST_SCHEMA,
-        2: REQUEST_SCHEMA,
-        3: RESULT_SCHEMA,
-        4: FAILURE_SCHEMA,
-    }
-    assert CODEC.prepare() == {REQUEST_SCHEMA: 2, RESULT_SCHEMA: 3, FAILURE_SCHEMA: 4}
+    assert directory.ids == {1: REQUEST_SCHEMA, 2: REQUEST_SCHEMA, 3: RESULT_SCHEMA}
+    assert directory.retired_ids == {4: FAILURE_SCHEMA}
+    assert await AvroCodec().prepare() == {REQUEST_SCHEMA: 2, RESULT_SCHEMA: 3}
+
+
+def test_no_schema_id_is_ever_reused() -> None:
+    """Every id ever assigned is still listed, live or retired, with the same schema, and a
+    new id is the next one after all of them."""
+    listing = json.loads((DEFAULT_SCHEMA_DIR / IDS_FILE).read_text())
+    directory = LocalSchemaDirectory()
+    now: dict[int, tuple[str, str]] = {}
+    for key in listing["schemas"]:
+        schema = directory.schema(int(key))
+        now[int(key)] = (schema_name(schema), fingerprint(schema))
+    for key, entry in listing["retired"].items():
+        assert int(key) not in now, f"id {key} is both live and retired"
+        now[int(key)] = (entry["name"], entry["fingerprint"])
+    for schema_id, (name, print_) in ID_HISTORY.items():
+        assert schema_id in now, f"id {schema_id} ({name}) disappeared: retire it, never drop it"
+        assert now[schema_id] == (name, print_), f"id {schema_id} was given to another schema"
+    new = sorted(set(now) - set(ID_HISTORY))
+    assert new == list(range(len(ID_HISTORY) + 1, len(ID_HISTORY) + 1 + len(new))), (
+        f"new ids {new} must follow the highest id ever assigned ({max(ID_HISTORY)}); "
+        "add them to ID_HISTORY"
+    )
+    assert len({p for _, p in now.values()}) == len(now), "one schema listed under two ids"
+
+
+def test_loader_refuses_an_id_both_live_and_retired(tmp_path: Path) -> None:
+    copy = tmp_path / "avro"
+    shutil.copytree(DEFAULT_SCHEMA_DIR, copy)
+    listing = json.loads((copy / IDS_FILE).read_text())
+    listing["schemas"]["4"] = listing["schemas"]["3"]  # a result schema under the retired id
+    (copy / IDS_FILE).write_text(json.dumps(listing))
+    with pytest.raises(ValueError, match="id 4 is retired"):
+        LocalSchemaDirectory(copy)
+
+
+def test_retired_id_is_unknown_and_says_why() -> None:
+    with pytest.raises(UnknownSchemaError, match=r"schema id 4 .*GenerationFailure.* is retired"):
+        CODEC.decode_request(frame(4, b"\x00"))
+
+
+async def test_resolve_with_local_ids() -> None:
+    codec = AvroCodec()
+    data = codec.encode_request(FULL_REQUEST)
+    await codec.resolve(data)  # known locally: no I/O, no error
+    assert codec.decode_request(data) == FULL_REQUEST
+    with pytest.raises(UnknownSchemaError, match="unknown schema id 999"):
+        await codec.resolve(frame(999, b""))
+    with pytest.raises(DecodeError, match="expected magic byte 0"):
+        await codec.resolve(b'{"prompt": "json"}')
+    with pytest.raises(DecodeError, match="shorter than the 5-byte"):
+        await codec.resolve(b"\x00\x00")
 
 
 def test_request_round_trip() -> None:
@@ -88,7 +143,7 @@ def test_request_defaults_round_trip() -> None:
 
 def test_v1_writer_is_read_by_current_reader() -> None:
     """A record written with the frozen v1 schema (id 1) decodes; new fields take defaults."""
-    v1 = fastavro.parse_schema(LocalSchemaDirectory().schema_by_id(1))
+    v1 = fastavro.parse_schema(LocalSchemaDirectory().schema(1))
     buffer = io.BytesIO()
     fastavro.schemaless_writer(
         buffer,
@@ -127,14 +182,15 @@ def test_v1_writer_is_read_by_current_reader() -> None:
 def test_result_round_trip_with_png() -> None:
     image = np.zeros((8, 12, 3), dtype=np.uint8)
     image[2:4, 3:5] = (255, 0, 10)
-    generated = GeneratedImages(
-        images=(image,),
+    record = GenerationResultRecord(
+        request_id="req-1",
+        images=(ImageRecord(index=0, width=12, height=8, png=encode_png(image)),),
         seed=99,
         timings_ms={"unet": 12.5, "vae": 3.0},
         model_versions={"unet": "1"},
         prompt_truncated=True,
+        metadata={"k": "v"},
     )
-    record = result_record("req-1", generated, metadata={"k": "v"})
     decoded = CODEC.decode_result(CODEC.encode_result(record))
     assert decoded == record
     assert decoded.images[0].width == 12 and decoded.images[0].height == 8
@@ -155,16 +211,6 @@ def test_result_with_uri() -> None:
     assert CODEC.decode_result(CODEC.encode_result(record)) == record
 
 
-def test_failure_round_trip() -> None:
-    record = failure_record(ValidationError("steps", "must be in [1, 150]"), request_id="r9")
-    assert record.reason == "invalid_request"
-    assert record.stage == "validate"
-    assert record.error_class == "ValidationError"
-    assert CODEC.decode_failure(CODEC.encode_failure(record)) == record
-    anonymous = GenerationFailureRecord(error_class="X", reason="internal_error", message="m")
-    assert CODEC.decode_failure(CODEC.encode_failure(anonymous)) == anonymous
-
-
 def test_wrong_magic_byte_names_the_fix() -> None:
     with pytest.raises(DecodeError, match=r"expected magic byte 0, got 0x7b.*JSON.*Confluent"):
         CODEC.decode_request(b'{"prompt": "hi"}')
@@ -183,9 +229,11 @@ def test_unknown_schema_id() -> None:
 
 
 def test_schema_of_another_type_is_refused() -> None:
-    data = CODEC.encode_failure(GenerationFailureRecord("E", "r", "m"))
+    data = CODEC.encode_result(GenerationResultRecord("r", (), 1))
     with pytest.raises(DecodeError, match=r"expected ai\.orchestrator\.v1\.GenerationRequest"):
         CODEC.decode_request(data)
+    with pytest.raises(DecodeError, match=r"expected ai\.orchestrator\.v1\.GenerationResult"):
+        CODEC.decode_result(CODEC.encode_request(FULL_REQUEST))
 
 
 def test_truncated_and_trailing_bytes() -> None:
@@ -207,7 +255,7 @@ def test_decode_error_is_not_retriable() -> None:
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.binary(max_size=200))
 def test_fuzz_random_bytes_only_raise_decode_error(data: bytes) -> None:
-    for decode in (CODEC.decode_request, CODEC.decode_result, CODEC.decode_failure):
+    for decode in (CODEC.decode_request, CODEC.decode_result):
         with contextlib.suppress(DecodeError):
             decode(data)
 
@@ -215,7 +263,7 @@ def test_fuzz_random_bytes_only_raise_decode_error(data: bytes) -> None:
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
 @given(st.sampled_from((1, 2, 3, 4)), st.binary(max_size=120))
 def test_fuzz_valid_header_random_body(schema_id: int, body: bytes) -> None:
-    for decode in (CODEC.decode_request, CODEC.decode_result, CODEC.decode_failure):
+    for decode in (CODEC.decode_request, CODEC.decode_result):
         with contextlib.suppress(DecodeError):
             decode(frame(schema_id, body))
 
@@ -240,80 +288,3 @@ def test_edited_schema_file_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(schema))
     with pytest.raises(ValueError, match="immutable"):
         LocalSchemaDirectory(copy)
-
-
-# ---------------------------------------------------------------------------------------------
-# a tiny fake Confluent Schema Registry
-
-
-class _FakeRegistry(BaseHTTPRequestHandler):
-    schemas: dict[int, str] = {}  # noqa: RUF012
-    subjects: dict[str, int] = {}  # noqa: RUF012
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def _answer(self, code: int, body: Any) -> None:
-        payload = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/vnd.schemaregistry.v1+json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def do_GET(self) -> None:
-        prefix = "/schemas/ids/"
-        if self.path.startswith(prefix):
-            schema_id = int(self.path[len(prefix) :])
-            if schema_id in self.schemas:
-                self._answer(200, {"schema": self.schemas[schema_id]})
-                return
-        self._answer(404, {"error_code": 40403, "message": "Schema not found"})
-
-    def do_POST(self) -> None:
-        length = int(self.headers["Content-Length"])
-        body = json.loads(self.rfile.read(length))
-        subject = self.path.split("/")[2]
-        for schema_id, text in self.schemas.items():
-            if text == body["schema"]:
-                self._answer(200, {"id": schema_id})
-                return
-        schema_id = 100 + len(self.schemas)
-        self.schemas[schema_id] = body["schema"]
-        self.subjects[subject] = schema_id
-        self._answer(200, {"id": schema_id})
-
-
-@pytest.fixture
-def fake_registry() -> Iterator[str]:
-    _FakeRegistry.schemas = {}
-    _FakeRegistry.subjects = {}
-    server = HTTPServer(("127.0.0.1", 0), _FakeRegistry)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_http_schema_registry(fake_registry: str) -> None:
-    codec = AvroCodec(HttpSchemaRegistry(fake_registry))
-    ids = codec.prepare()
-    assert sorted(ids.values()) == [100, 101, 102]
-    assert set(_FakeRegistry.subjects) == {REQUEST_SCHEMA, RESULT_SCHEMA, FAILURE_SCHEMA}
-    data = codec.encode_request(FULL_REQUEST)
-    assert struct.unpack(">I", data[1:5]) == (ids[REQUEST_SCHEMA],)
-    # a fresh client (no cache) resolves the writer schema over HTTP
-    fresh = AvroCodec(HttpSchemaRegistry(fake_registry))
-    assert fresh.decode_request(data) == FULL_REQUEST
-    with pytest.raises(UnknownSchemaError):
-        fresh.decode_request(frame(7, b""))
-
-
-def test_http_schema_registry_unreachable() -> None:
-    codec = AvroCodec(HttpSchemaRegistry("http://127.0.0.1:9", timeout_s=1.0))
-    with pytest.raises(SchemaRegistryUnavailable) as info:
-        codec.decode_request(frame(1, b""))
-    assert info.value.retriable
