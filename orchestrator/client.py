@@ -45,7 +45,7 @@ class Answer:
     failure: dict[str, str] | None = None
     latency_s: float = 0.0
     #: the answer record's headers (correlation id, traceparent, dlq.*)
-    headers: tuple[tuple[str, bytes], ...] = ()
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -138,10 +138,10 @@ class ReplyWatcher:
             batches = await self._consumer.getmany(timeout_ms=200)
             for tp, records in batches.items():
                 for record in records:
-                    self._on_record(tp.topic, record)
+                    await self._on_record(tp.topic, record)
 
-    def _on_record(self, topic: str, record: Any) -> None:
-        headers: Headers = [(k, bytes(v)) for k, v in record.headers or ()]
+    async def _on_record(self, topic: str, record: Any) -> None:
+        headers: Headers = [(k, None if v is None else bytes(v)) for k, v in record.headers or ()]
         rid = header_str(headers, CORRELATION_ID_HEADER)
         if topic == self.dlq_topic:
             failure = {
@@ -152,10 +152,12 @@ class ReplyWatcher:
             }
             if rid is None:
                 with contextlib.suppress(Exception):
+                    await self.codec.resolve(record.value)
                     rid = self.codec.decode_request(record.value).request_id
             self._deliver(rid, None, failure, headers)
             return
         try:
+            await self.codec.resolve(record.value)
             result = self.codec.decode_result(record.value)
         except Exception:
             self.unmatched += 1
@@ -199,6 +201,7 @@ class Client:
         tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.tracer = get_tracer(tracer_provider)
+        self._owns_codec = codec is None
         self.codec = codec or AvroCodec()
         self.request_topic = request_topic
         self.response_topic = response_topic
@@ -206,12 +209,15 @@ class Client:
         self.watcher = ReplyWatcher(settings, [response_topic], dlq_topic, self.codec)
 
     async def start(self) -> None:
+        await self.codec.prepare()  # the writer schema ids (a registry call, or local ids)
         await self.watcher.start()
         await self.producer.start()
 
     async def stop(self) -> None:
         await self.producer.stop()
         await self.watcher.stop()
+        if self._owns_codec:
+            await self.codec.aclose()
 
     async def __aenter__(self) -> Client:
         await self.start()

@@ -9,9 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, FilePath, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from orchestrator.core.envelope import EnvelopeLimits, ReplyTopicRule
 from orchestrator.core.validation import Limits
 from orchestrator.executor import RetryPolicy
 
@@ -46,6 +47,16 @@ class Settings(BaseSettings):
     request_topic: str = "diffusion.requests"
     response_topic: str = "diffusion.responses"
     dlq_topic: str = "diffusion.requests.dlq"
+    reply_topics: str = Field(
+        "",
+        description="comma-separated topics, besides response_topic, a request may name as its "
+        "reply topic (the request and dead-letter topics are never allowed)",
+    )
+    reply_topic_prefixes: str = Field(
+        "diffusion.replies.",
+        description="comma-separated prefixes: a reply topic under one of them is allowed "
+        "(e.g. diffusion.replies.<client>); empty: none",
+    )
     session_timeout_ms: int = Field(
         10_000, ge=500, le=600_000, description="consumer group session timeout"
     )
@@ -67,6 +78,31 @@ class Settings(BaseSettings):
     # --- Avro -------------------------------------------------------------------------------
     schema_dir: Path | None = Field(None, description="local schema directory (default: avro/)")
     schema_registry_url: str | None = Field(None, description="Confluent schema registry URL")
+    schema_registry_username: str | None = Field(
+        None, min_length=1, max_length=256, description="schema registry basic-auth user name"
+    )
+    schema_registry_password: SecretStr | None = Field(
+        None, min_length=1, max_length=4096, description="schema registry basic-auth password"
+    )
+    schema_registry_ca_file: FilePath | None = Field(
+        None, description="CA bundle (PEM) that signs the registry's certificate (https)"
+    )
+    schema_registry_cert_file: FilePath | None = Field(
+        None, description="client certificate (PEM) for mutual TLS with the registry"
+    )
+    schema_registry_key_file: FilePath | None = Field(
+        None, description="private key (PEM) of schema_registry_cert_file, if not inside it"
+    )
+    schema_registry_timeout_s: float = Field(
+        5.0, gt=0, le=300, description="deadline of one schema registry request"
+    )
+    schema_registry_negative_ttl_s: float = Field(
+        60.0,
+        ge=0,
+        le=86_400,
+        description="how long an id the registry does not know is remembered as unknown "
+        "(records with it are dead-lettered without asking again); 0: not remembered",
+    )
 
     # --- Results ----------------------------------------------------------------------------
     inline_image_max_bytes: int = Field(
@@ -93,6 +129,13 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         16 * 1024 * 1024, ge=1024, description="larger request records are dead-lettered"
     )
+    max_request_id_chars: int = Field(128, ge=8, le=1024, description="longest request_id")
+    max_metadata_entries: int = Field(32, ge=0, le=1024, description="entries in metadata")
+    max_metadata_key_chars: int = Field(128, ge=1, le=65536)
+    max_metadata_value_chars: int = Field(1024, ge=0, le=1_048_576)
+    max_deadline_ahead_s: float = Field(
+        7 * 24 * 3600.0, gt=0, le=366 * 24 * 3600.0, description="how far ahead deadline_ms may lie"
+    )
     answer_cache_size: int = Field(
         10_000, ge=0, le=1_000_000, description="recent answers kept to answer repeated ids"
     )
@@ -106,6 +149,21 @@ class Settings(BaseSettings):
         3, ge=1, le=1000, description="consecutive transient failures that open the circuit"
     )
     breaker_probe_interval_s: float = Field(1.0, gt=0, le=60)
+    record_retry_initial_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="first wait before a record whose answer and dead letter both failed to "
+        "publish (broker unavailable) is tried again; doubles up to record_retry_max_s",
+    )
+    record_retry_max_s: float = Field(30.0, gt=0, le=600)
+    stuck_record_after_s: float = Field(
+        120.0,
+        gt=0,
+        le=86_400,
+        description="a record retried for longer than this fails /readyz and counts in "
+        "orchestrator_stuck_records",
+    )
     shutdown_grace_s: float = Field(
         30.0, ge=0, le=3600, description="time in-flight work gets to finish on SIGTERM"
     )
@@ -146,6 +204,23 @@ class Settings(BaseSettings):
             ssl_keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
             client_id=self.client_id + suffix,
             group_id=self.group_id + suffix,
+        )
+
+    def envelope_limits(self) -> EnvelopeLimits:
+        return EnvelopeLimits(
+            max_request_id_chars=self.max_request_id_chars,
+            max_metadata_entries=self.max_metadata_entries,
+            max_metadata_key_chars=self.max_metadata_key_chars,
+            max_metadata_value_chars=self.max_metadata_value_chars,
+            max_deadline_ahead_s=self.max_deadline_ahead_s,
+        )
+
+    def reply_topic_rule(self) -> ReplyTopicRule:
+        return ReplyTopicRule.of(
+            default=self.response_topic,
+            exact=self.reply_topics,
+            prefixes=self.reply_topic_prefixes,
+            forbidden=(self.request_topic, self.dlq_topic),
         )
 
     def limits(self) -> Limits:

@@ -37,6 +37,12 @@ class ValidationError(OrchestratorError):
         self.field = field
 
 
+class ReplyTopicNotAllowed(OrchestratorError):
+    """The request names a reply topic the service may not write to."""
+
+    reason = "reply_topic_not_allowed"
+
+
 class DecodeError(OrchestratorError):
     """A record could not be decoded (bad magic byte, unknown schema id, malformed Avro)."""
 
@@ -77,6 +83,14 @@ class PublishError(OrchestratorError):
 
     retriable = True
     reason = "publish_failed"
+
+
+class PermanentPublishError(PublishError):
+    """The broker refused a record for what it is (too large, invalid topic, not authorized):
+    sending the same record again can never succeed."""
+
+    retriable = False
+    reason = "publish_rejected"
 
 
 def disposition(exc: BaseException) -> Disposition:

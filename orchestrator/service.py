@@ -12,6 +12,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -21,16 +22,16 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 
-from orchestrator.adapters.avro import (
-    AvroCodec,
-    GenerationResultRecord,
-    HttpSchemaRegistry,
-    ImageRecord,
-    LocalSchemaDirectory,
-)
+from orchestrator.adapters.avro import GenerationResultRecord, ImageRecord, make_codec
 from orchestrator.adapters.http import HealthServer
 from orchestrator.adapters.kafka import (
     CORRELATION_ID_HEADER,
+    DLQ_ERROR_STAGE,
+    DLQ_ORIGINAL_OMITTED,
+    DLQ_ORIGINAL_OMITTED_REASON,
+    DLQ_ORIGINAL_SHA256,
+    DLQ_ORIGINAL_SIZE,
+    DLQ_PREFIX,
     REPLY_TOPIC_HEADER,
     Headers,
     KafkaConsumerAdapter,
@@ -46,9 +47,14 @@ from orchestrator.batcher import BatchRecord, StepBatcher
 from orchestrator.breaker import CircuitBreaker
 from orchestrator.config import Settings
 from orchestrator.core.batching import FlushPolicy
+from orchestrator.core.envelope import check_envelope
 from orchestrator.core.pipeline import ENCODE_PROMPT, UNET, VAE_DECODER, VAE_ENCODER, Job, start_job
 from orchestrator.domain import GeneratedImages, GenerationRequest, ModelInfo, StageCall
-from orchestrator.errors import DeadlineExceeded, OrchestratorError, PublishError
+from orchestrator.errors import (
+    DeadlineExceeded,
+    OrchestratorError,
+    PublishError,
+)
 from orchestrator.executor import JobStats, StageRunner, run_job
 from orchestrator.imagefile import encode_png
 from orchestrator.logs import request_context
@@ -60,16 +66,18 @@ def kafka_settings(settings: Settings) -> KafkaSettings:
     return settings.kafka()
 
 
-def make_codec(settings: Settings) -> AvroCodec:
-    schemas = LocalSchemaDirectory(settings.schema_dir) if settings.schema_dir else None
-    registry = (
-        HttpSchemaRegistry(settings.schema_registry_url) if settings.schema_registry_url else None
-    )
-    return AvroCodec(registry=registry, schemas=schemas)
-
-
 class RecordTooLarge(OrchestratorError):
     reason = "record_too_large"
+
+
+class StoreError(OrchestratorError):
+    """An image could not be written to the output directory."""
+
+    reason = "store_failed"
+
+
+#: room kept in a result record for everything but the inline PNGs
+_RESULT_RECORD_OVERHEAD = 64 * 1024
 
 
 @dataclasses.dataclass
@@ -92,9 +100,20 @@ class ServiceStats:
 @dataclasses.dataclass(frozen=True)
 class Answer:
     topic: str
-    value: bytes
+    value: bytes | None
     key: bytes | None
     headers: Headers
+
+
+@dataclasses.dataclass
+class _Progress:
+    """How far the handling of one record got: the stage a failure is reported in, the
+    request once decoded, and whether its answer is already with the broker."""
+
+    stage: str = "decode"
+    request: GenerationRequest | None = None
+    stats: JobStats = dataclasses.field(default_factory=JobStats)
+    acknowledged: bool = False
 
 
 _STAGE_OF_MODEL = {
@@ -166,6 +185,10 @@ class Service:
         #: request_id -> its answer, for redelivered or repeated requests (bounded, LRU)
         self._answers: collections.OrderedDict[str, Answer] = collections.OrderedDict()
         self._in_progress: dict[str, asyncio.Future[Answer | None]] = {}
+        #: records waiting to be tried again: (topic, partition, offset) -> (since, cause)
+        self._waiting: dict[tuple[str, int, int], tuple[float, str]] = {}
+        self.envelope_limits = settings.envelope_limits()
+        self.reply_topics = settings.reply_topic_rule()
         self._last_loop = time.monotonic()
         self._broker_ok = False
         self._running = False
@@ -194,7 +217,7 @@ class Service:
     async def run(self) -> None:
         await self.http.start()
         try:
-            await asyncio.to_thread(self.codec.prepare)
+            await self.codec.prepare()
             self.info = await self._wait_for_models()
             if self.settings.batching == "step":
                 max_rows = {
@@ -233,6 +256,7 @@ class Service:
         finally:
             await self.breaker.close()
             await self.triton.close()
+            await self.codec.aclose()
             await self.http.stop()
 
     async def _consume_loop(self) -> None:
@@ -269,14 +293,20 @@ class Service:
             for record in records:
                 self._spawn(record)
             await self._commit()
+            self.metrics.stuck_records.set(self._stuck_records())
             now = time.monotonic()
             if now - last_probe > 5.0:
                 last_probe = now
                 await self._observe()
 
+    def _registry_down(self) -> bool:
+        return any(cause == "schema_registry_down" for _, cause in self._waiting.values())
+
     def _pause_cause(self) -> str | None:
         if self.breaker.is_open:
             return "triton_down"
+        if self._registry_down():
+            return "schema_registry_down"
         if len(self._tasks) >= self.settings.max_in_flight:
             return "in_flight"
         if self._buffered >= self.settings.max_buffered_bytes:
@@ -352,39 +382,67 @@ class Service:
 
     def _readiness(self) -> tuple[bool, dict[str, object]]:
         triton_up = not self.breaker.is_open
-        ok = self._running and not self.stopping and self._broker_ok and triton_up
+        registry_up = not self._registry_down()
+        stuck = self._stuck_records()
+        self.metrics.stuck_records.set(stuck)
+        ok = (
+            self._running
+            and not self.stopping
+            and self._broker_ok
+            and triton_up
+            and registry_up
+            and stuck == 0
+        )
         return ok, {
             "consuming": self._running and not self.stopping,
             "broker": self._broker_ok,
             "triton": triton_up,
+            "schema_registry": registry_up,
             "in_flight": len(self._tasks),
+            "waiting_records": len(self._waiting),
+            "stuck_records": stuck,
         }
 
     # -- one record --------------------------------------------------------------------------
 
     async def _handle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        """Bring one record to its end: an acknowledged answer or dead letter, then mark it
+        done. Whatever the handling raises ends in a dead letter (``internal_error``); only a
+        broker that acknowledges neither (or a schema registry that is down) makes the record
+        wait and try again, with backoff, visible in /readyz once it waits too long."""
         started = time.monotonic()
-        delay = 1.0
+        key = (record.topic, record.partition, record.offset)
+        delay = self.settings.record_retry_initial_s
         try:
-            # neither the answer nor a dead letter reached the broker: try again (the slot
-            # stays taken, so a broker outage also holds back fetching) until it does, or
-            # until shutdown leaves the record uncommitted for redelivery
-            while not await self._process(record):
+            while True:
+                try:
+                    if await self._process(record):
+                        break
+                    cause = "broker_unavailable"
+                except _RetryLater as later:
+                    cause = later.cause
+                    log.warning(
+                        "%s@%s waits: %s: %s", record.partition, record.offset, cause, later.error
+                    )
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a failure inside the dead-letter path itself
+                    log.exception("could not end %s@%s", record.partition, record.offset)
+                    cause = "internal_error"
+                since = self._waiting.get(key, (started, cause))[0]
+                self._waiting[key] = (since, cause)
                 if self.stopping:
-                    return
+                    return  # left uncommitted: redelivered after the restart
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                delay = min(delay * 2, self.settings.record_retry_max_s)
             self.consumer.mark_done(record)
             self.metrics.request_duration.observe(time.monotonic() - started)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception(
-                "unexpected failure handling %s/%s@%s",
-                record.topic,
-                record.partition,
-                record.offset,
-            )
+        finally:
+            self._waiting.pop(key, None)
+
+    def _stuck_records(self) -> int:
+        bound = time.monotonic() - self.settings.stuck_record_after_s
+        return sum(1 for since, _ in self._waiting.values() if since < bound)
 
     def _process_span(self, record: ConsumerRecord[bytes, bytes]) -> Any:
         attributes: dict[str, Any] = {
@@ -407,33 +465,61 @@ class Service:
         )
 
     async def _process(self, record: ConsumerRecord[bytes, bytes]) -> bool:
-        with self._process_span(record) as span:
-            return await self._process_in_span(record, span)
+        """True once the record's answer or dead letter is acknowledged. Never raises but
+        :class:`_RetryLater` (and cancellation): an exception nobody expected is dead-lettered
+        as ``internal_error``, with its type in the message."""
+        progress = _Progress()
+        try:
+            with self._process_span(record) as span:
+                return await self._process_in_span(record, span, progress)
+        except (_RetryLater, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            if progress.acknowledged:
+                # the answer is with the broker: dead-lettering too would answer twice
+                log.exception("after answering %s@%s", record.partition, record.offset)
+                return True
+            self.metrics.unexpected_errors.labels(progress.stage).inc()
+            return await self._dead_letter(
+                record, exc, progress.stage, progress.request, None, progress.stats
+            )
 
-    async def _process_in_span(self, record: ConsumerRecord[bytes, bytes], span: Any) -> bool:
+    async def _process_in_span(
+        self, record: ConsumerRecord[bytes, bytes], span: Any, progress: _Progress
+    ) -> bool:
         """Answer one record; True once its answer is acknowledged by the broker."""
         self.stats.received += 1
         headers: Headers = list(record.headers or [])
         correlation = header_str(headers, CORRELATION_ID_HEADER)
         request: GenerationRequest | None = None
-        stage = "decode"
-        stats = JobStats()
+        stats = progress.stats
         try:
-            if len(record.value or b"") > self.settings.max_request_bytes:
+            value = record.value or b""
+            if len(value) > self.settings.max_request_bytes:
                 raise RecordTooLarge(
-                    f"request record is {len(record.value or b'')} bytes, more than the "
+                    f"request record is {len(value)} bytes, more than the "
                     f"{self.settings.max_request_bytes} allowed",
                     stage="decode",
                 )
-            decoded = self.codec.decode_request_record(record.value or b"")
-            request = decoded.request
-            span.set_attribute("request.id", request.request_id)
-            span.set_attribute("messaging.message.id", request.request_id)
+            try:
+                await self.codec.resolve(value)
+            except OrchestratorError as lookup:
+                if lookup.retriable:  # the schema registry is down: wait, do not dead-letter
+                    raise _RetryLater("schema_registry_down", lookup) from lookup
+                raise
+            decoded = self.codec.decode_request_record(value)
+            request = progress.request = decoded.request
+            progress.stage = "validate"
+            span.set_attribute("request.id", request.request_id[:256])
+            span.set_attribute("messaging.message.id", request.request_id[:256])
+            check_envelope(request, self.envelope_limits, time.time())
             reply_topic = (
                 header_str(headers, REPLY_TOPIC_HEADER)
                 or decoded.reply_topic
                 or self.settings.response_topic
             )
+            self.reply_topics.check(reply_topic)
+            answer_headers = self._answer_headers(correlation or request.request_id)
             with request_context(request.request_id):
                 duplicate = await self._duplicate_answer(request.request_id)
                 if duplicate is not None:
@@ -441,43 +527,47 @@ class Service:
                     self.metrics.duplicates.inc()
                     self.metrics.requests.labels("duplicate").inc()
                     span.set_attribute("request.duplicate", True)
-                    await self._publish(duplicate)
+                    # the repeat gets the answer where it asked for it, with its own correlation
+                    progress.stage = "publish"
+                    await self._publish(
+                        Answer(reply_topic, duplicate.value, duplicate.key, answer_headers)
+                    )
+                    progress.acknowledged = True
                     return True
                 answer = await self._generate_and_publish(
-                    request, reply_topic, correlation, stats, span
+                    request, reply_topic, answer_headers, progress, span
                 )
                 self._remember(request.request_id, answer)
             self.stats.answered += 1
             self.metrics.requests.labels("answered").inc()
             self.stats.retries += stats.retries
             return True
-        except _Failed as failed:
-            exc = failed.error
-            stage = failed.stage
-        except Exception as e:
-            exc = e
+        except _RetryLater:
+            raise
+        except Exception as failure:
+            if progress.acknowledged:
+                raise  # _process logs it; the record is answered
+            exc = failure
         self.stats.retries += stats.retries
         span.record_exception(exc)
         span.set_status(trace.Status(trace.StatusCode.ERROR, str(exc)))
-        if isinstance(exc, PublishError) and exc.retriable:
-            # the producer's own retries gave up on the answer (an unknown reply topic, say):
-            # dead-letter it rather than hold the partition's commits back; if the dead-letter
-            # topic cannot take it either, the offset stays uncommitted and it comes again
+        if isinstance(exc, PublishError):
+            # the producer gave up on the answer (an unknown reply topic, say, or a record the
+            # broker refuses): dead-letter it rather than hold the partition's commits back;
+            # if the dead-letter topic cannot take it either, the record waits and comes again
             log.error("could not publish the answer to offset %s: %s", record.offset, exc)
-        return await self._dead_letter(record, exc, stage, request, correlation, stats)
+        return await self._dead_letter(record, exc, progress.stage, request, correlation, stats)
 
     async def _generate_and_publish(
         self,
         request: GenerationRequest,
         reply_topic: str,
-        correlation: str | None,
-        stats: JobStats,
+        answer_headers: Headers,
+        progress: _Progress,
         span: Any,
     ) -> Answer:
         fut: asyncio.Future[Answer | None] = asyncio.get_running_loop().create_future()
-        if request.request_id:
-            self._in_progress[request.request_id] = fut
-        stage = "validate"
+        self._in_progress[request.request_id] = fut
         try:
             if request.deadline is not None and time.time() >= request.deadline:
                 raise DeadlineExceeded("the request's deadline passed before it was started")
@@ -485,31 +575,31 @@ class Service:
             job = start_job(request, self.info, self.settings.limits())
             span.set_attribute("diffusion.steps", request.steps)
             span.set_attribute("diffusion.scheduler", request.scheduler)
-            stage = "generate"
-            generated = await self._run(job, stats)
+            progress.stage = "generate"
+            generated = await self._run(job, progress.stats)
             for model, ms in generated.timings_ms.items():
                 if model in _STAGE_OF_MODEL:
                     self.metrics.stage_duration.labels(_STAGE_OF_MODEL[model]).observe(ms / 1000)
-            stage = "encode_image_file"
+            progress.stage = "encode"
             t0 = time.perf_counter()
             with self.tracer.start_as_current_span("encode image file"):
-                record = self._result_record(request, generated)
+                record = self._result_record(request, generated, progress)
+                progress.stage = "encode"
                 value = self.codec.encode_result(record)
             self.metrics.stage_duration.labels("encode_png").observe(time.perf_counter() - t0)
-            stage = "publish"
+            progress.stage = "publish"
             answer = Answer(
                 topic=reply_topic,
                 value=value,
-                key=request.request_id.encode() if request.request_id else None,
-                headers=self._answer_headers(correlation or request.request_id),
+                key=request.request_id.encode(),
+                headers=answer_headers,
             )
             t0 = time.perf_counter()
             answer = await self._publish(answer)
+            progress.acknowledged = True
             self.metrics.stage_duration.labels("publish").observe(time.perf_counter() - t0)
             fut.set_result(answer)
             return answer
-        except Exception as exc:
-            raise _Failed(exc, stage) from exc
         finally:
             if not fut.done():
                 fut.set_result(None)
@@ -528,8 +618,6 @@ class Service:
             return await run_job(job, self.runner, self.retry, on_retry, stats, **kwargs)
 
     async def _duplicate_answer(self, request_id: str) -> Answer | None:
-        if not request_id:
-            return None
         cached = self._answers.get(request_id)
         if cached is not None:
             self._answers.move_to_end(request_id)
@@ -540,7 +628,7 @@ class Service:
         return None
 
     def _remember(self, request_id: str, answer: Answer) -> None:
-        if not request_id or self.settings.answer_cache_size == 0:
+        if self.settings.answer_cache_size == 0:
             return
         self._answers[request_id] = answer
         while len(self._answers) > self.settings.answer_cache_size:
@@ -550,15 +638,21 @@ class Service:
         return [(CORRELATION_ID_HEADER, correlation.encode())] if correlation else []
 
     def _result_record(
-        self, request: GenerationRequest, generated: GeneratedImages
+        self, request: GenerationRequest, generated: GeneratedImages, progress: _Progress
     ) -> GenerationResultRecord:
+        """Images travel inline while each is under the inline limit and all of them fit in
+        one record; the others are stored in output_dir and travel as URIs."""
+        room = self.settings.max_record_bytes - _RESULT_RECORD_OVERHEAD
         images = []
         for i, img in enumerate(generated.images):
+            progress.stage = "encode"
             png = encode_png(img)
             height, width = int(img.shape[0]), int(img.shape[1])
-            if len(png) <= self.settings.inline_image_max_bytes:
+            if len(png) <= min(self.settings.inline_image_max_bytes, room):
+                room -= len(png)
                 images.append(ImageRecord(index=i, width=width, height=height, png=png))
             else:
+                progress.stage = "store"
                 path = self._store(request.request_id, i, png)
                 images.append(ImageRecord(index=i, width=width, height=height, uri=path.as_uri()))
         return GenerationResultRecord(
@@ -572,13 +666,22 @@ class Service:
         )
 
     def _store(self, request_id: str, index: int, png: bytes) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in request_id) or "anonymous"
-        folder = self.settings.output_dir.resolve() / safe
+        """Write one image under output_dir, named by a digest of the request id (never by
+        the id itself), atomically."""
+        root = self.settings.output_dir.resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256(request_id.encode("utf-8")).hexdigest()
+        folder = root / digest[:2] / digest
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{index}.png"
+        if not path.resolve().is_relative_to(root):  # a symlink planted in output_dir
+            raise StoreError(f"{path} resolves outside {root}", stage="store")
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(png)
-        tmp.replace(path)
+        try:
+            tmp.write_bytes(png)
+            tmp.replace(path)
+        except OSError as exc:
+            raise StoreError(f"cannot write {path}: {exc}", stage="store") from exc
         return path
 
     async def _publish(self, answer: Answer) -> Answer:
@@ -588,21 +691,14 @@ class Service:
             await self.producer.publish(answer.topic, answer.value, key=answer.key, headers=headers)
         return dataclasses.replace(answer, headers=headers)
 
-    async def _dead_letter(
+    def _dead_letter_headers(
         self,
         record: ConsumerRecord[bytes, bytes],
         exc: BaseException,
-        stage: str,
         request: GenerationRequest | None,
         correlation: str | None,
         stats: JobStats,
-    ) -> bool:
-        reason = exc.reason if isinstance(exc, OrchestratorError) else "internal_error"
-        if isinstance(exc, OrchestratorError) and exc.stage is None:
-            exc.stage = stage
-        if not isinstance(exc, OrchestratorError):
-            log.error("internal error on %s@%s", record.partition, record.offset, exc_info=exc)
-        code = grpc_code(exc)
+    ) -> Headers:
         headers = dead_letter_headers(
             exc,
             original_topic=record.topic,
@@ -613,14 +709,56 @@ class Service:
             attempts=stats.retries + 1,
             original_headers=list(record.headers or []),
         )
+        code = grpc_code(exc)
         if code is not None:
             headers.append(("dlq.error.grpc_code", code.encode()))
         if correlation is None and request is not None and request.request_id:
-            headers.append((CORRELATION_ID_HEADER, request.request_id.encode()))
+            headers.append((CORRELATION_ID_HEADER, request.request_id[:256].encode()))
+        return headers
+
+    async def _dead_letter(
+        self,
+        record: ConsumerRecord[bytes, bytes],
+        exc: BaseException,
+        stage: str,
+        request: GenerationRequest | None,
+        correlation: str | None,
+        stats: JobStats,
+    ) -> bool:
+        """Publish the dead letter; True once acknowledged. A dead letter the broker refuses
+        for what it is (too large, say) goes again without the original value (its size and
+        sha256 in headers); False only while the broker may take it later."""
+        reason = exc.reason if isinstance(exc, OrchestratorError) else "internal_error"
+        if isinstance(exc, OrchestratorError) and exc.stage is None:
+            exc.stage = stage
+        if not isinstance(exc, OrchestratorError):
+            log.error("internal error on %s@%s", record.partition, record.offset, exc_info=exc)
+        headers = self._dead_letter_headers(record, exc, request, correlation, stats)
+        if not isinstance(exc, OrchestratorError):
+            headers = [(k, v) for k, v in headers if k != DLQ_ERROR_STAGE]
+            headers.append((DLQ_ERROR_STAGE, stage.encode()))
+        refused: BaseException | None = None
         try:
-            await self._publish(
-                Answer(self.settings.dlq_topic, record.value or b"", record.key, headers)
-            )
+            try:
+                await self._publish(
+                    Answer(self.settings.dlq_topic, record.value, record.key, headers)
+                )
+            except PublishError as failed:
+                if failed.retriable:
+                    raise
+                refused = failed
+            except Exception as failed:
+                # refused by the client before sending (a value it cannot take): the same way
+                # out as a record too large
+                refused = failed
+            if refused is not None:
+                log.warning(
+                    "dead letter of %s@%s refused (%s): sending it without the original value",
+                    record.partition,
+                    record.offset,
+                    refused,
+                )
+                await self._publish(self._without_original(record, headers, refused))
         except PublishError as perr:
             log.error("could not dead-letter offset %s: %s", record.offset, perr)
             return False
@@ -634,9 +772,29 @@ class Service:
             record.offset,
             reason,
             exc,
-            extra={"request_id": request.request_id if request else None},
+            extra={"request_id": request.request_id[:256] if request else None},
         )
         return True
+
+    def _without_original(
+        self, record: ConsumerRecord[bytes, bytes], headers: Headers, refused: BaseException
+    ) -> Answer:
+        """The dead letter with the original value, key and headers left out: only the
+        ``dlq.*`` headers and the correlation id stay, and headers say what was omitted."""
+        value = record.value or b""
+        kept: Headers = [
+            (k, v)
+            for k, v in headers
+            if k.startswith(DLQ_PREFIX) or (k == CORRELATION_ID_HEADER and len(v or b"") <= 256)
+        ]
+        kept += [
+            (DLQ_ORIGINAL_OMITTED, b"value,key,headers"),
+            (DLQ_ORIGINAL_SIZE, str(len(value)).encode()),
+            (DLQ_ORIGINAL_SHA256, hashlib.sha256(value).hexdigest().encode()),
+            (DLQ_ORIGINAL_OMITTED_REASON, str(refused)[:1000].encode()),
+        ]
+        # Kafka needs a key or a value: an empty value, the headers say what it was
+        return Answer(self.settings.dlq_topic, b"", None, kept)
 
     def _on_batch(self, rec: BatchRecord) -> None:
         self.metrics.batch_size.labels(rec.model).observe(rec.rows)
@@ -648,13 +806,14 @@ class Service:
         self.metrics.triton_errors.labels(model, code).inc()
 
 
-class _Failed(Exception):
-    """Carries the stage a failure happened in out of the generation path."""
+class _RetryLater(Exception):
+    """The record can be neither answered nor dead-lettered now (a dependency is down): it
+    keeps its slot and is processed again after a backoff."""
 
-    def __init__(self, error: Exception, stage: str) -> None:
-        super().__init__(str(error))
+    def __init__(self, cause: str, error: BaseException) -> None:
+        super().__init__(f"{cause}: {error}")
+        self.cause = cause
         self.error = error
-        self.stage = stage
 
 
 async def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> None:

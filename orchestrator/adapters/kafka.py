@@ -20,11 +20,21 @@ from typing import Any, Final
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    BrokerResponseError,
+    KafkaError,
+    MessageSizeTooLargeError,
+)
+from aiokafka.errors import RecordTooLargeError as _KafkaRecordTooLarge
 from aiokafka.helpers import create_ssl_context
 from aiokafka.structs import ConsumerRecord, RecordMetadata, TopicPartition
 
-from orchestrator.errors import OrchestratorError, PublishError, reason_of
+from orchestrator.errors import (
+    OrchestratorError,
+    PermanentPublishError,
+    PublishError,
+    reason_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +54,15 @@ DLQ_ORIGINAL_OFFSET: Final = "dlq.original.offset"
 DLQ_ORIGINAL_TIMESTAMP: Final = "dlq.original.timestamp"
 DLQ_CONSUMER_GROUP: Final = "dlq.consumer.group"
 DLQ_PREFIX: Final = "dlq."
+#: on a dead letter sent without the original (the broker refused it): what was left out,
+#: the original value's size and sha256, and why
+DLQ_ORIGINAL_OMITTED: Final = "dlq.original.omitted"
+DLQ_ORIGINAL_SIZE: Final = "dlq.original.size"
+DLQ_ORIGINAL_SHA256: Final = "dlq.original.sha256"
+DLQ_ORIGINAL_OMITTED_REASON: Final = "dlq.original.omitted.reason"
 
-Headers = list[tuple[str, bytes]]
+#: Kafka header values may be null (a legal record header with no value)
+Headers = list[tuple[str, bytes | None]]
 #: (topic, partition); aiokafka's TopicPartition is a NamedTuple and compares equal to it
 PartitionKey = tuple[str, int]
 
@@ -107,8 +124,10 @@ class KafkaSettings:
 # headers
 
 
-def header_value(headers: Iterable[tuple[str, bytes]] | None, name: str) -> bytes | None:
-    """The last value of header ``name`` (Kafka allows repeats), or None."""
+def header_value(
+    headers: Iterable[tuple[str, bytes | None]] | None, name: str
+) -> bytes | None:
+    """The last value of header ``name`` (Kafka allows repeats), or None (absent or null)."""
     found: bytes | None = None
     for key, value in headers or ():
         if key == name:
@@ -116,19 +135,9 @@ def header_value(headers: Iterable[tuple[str, bytes]] | None, name: str) -> byte
     return found
 
 
-def header_str(headers: Iterable[tuple[str, bytes]] | None, name: str) -> str | None:
+def header_str(headers: Iterable[tuple[str, bytes | None]] | None, name: str) -> str | None:
     value = header_value(headers, name)
     return None if value is None else value.decode("utf-8", errors="replace")
-
-
-def correlation_headers(correlation_id: str | None, reply_topic: str | None = None) -> Headers:
-    """Headers carrying a correlation id and, optionally, a reply topic."""
-    headers: Headers = []
-    if correlation_id is not None:
-        headers.append((CORRELATION_ID_HEADER, correlation_id.encode("utf-8")))
-    if reply_topic is not None:
-        headers.append((REPLY_TOPIC_HEADER, reply_topic.encode("utf-8")))
-    return headers
 
 
 def dead_letter_headers(
@@ -140,19 +149,28 @@ def dead_letter_headers(
     original_timestamp: int | None,
     consumer_group: str | None,
     attempts: int = 1,
-    original_headers: Iterable[tuple[str, bytes]] | None = (),
+    original_headers: Iterable[tuple[str, bytes | None]] | None = (),
     max_message_chars: int = 4000,
 ) -> Headers:
-    """The original record's headers (minus earlier ``dlq.*`` ones) followed by ``dlq.*``.
+    """The original record's headers (minus earlier ``dlq.*`` ones, null values kept as they
+    are) followed by ``dlq.*``.
 
-    Values are UTF-8 text; the timestamp is epoch milliseconds ("" when unknown).
+    Values are UTF-8 text; the timestamp is epoch milliseconds ("" when unknown). For an
+    exception that is not one of ours the message starts with its type.
     """
     error_type = type(error)
     stage = error.stage if isinstance(error, OrchestratorError) else None
-    message = error.message if isinstance(error, OrchestratorError) else str(error)
+    if isinstance(error, OrchestratorError):
+        message = error.message
+    else:
+        message = f"{error_type.__name__}: {error}"
     if len(message) > max_message_chars:
         message = message[: max_message_chars - 3] + "..."
-    kept = [(k, v) for k, v in original_headers or () if not k.startswith(DLQ_PREFIX)]
+    kept: Headers = [
+        (k, None if v is None else bytes(v))
+        for k, v in original_headers or ()
+        if not k.startswith(DLQ_PREFIX)
+    ]
     fields = [
         (DLQ_ERROR_CLASS, f"{error_type.__module__}.{error_type.__qualname__}"),
         (DLQ_ERROR_REASON, reason_of(error)),
@@ -168,34 +186,13 @@ def dead_letter_headers(
     return kept + [(k, v.encode("utf-8")) for k, v in fields]
 
 
-def dead_letter_headers_for(
-    record: ConsumerRecord[Any, Any],
-    error: BaseException,
-    *,
-    consumer_group: str | None,
-    attempts: int = 1,
-) -> Headers:
-    """:func:`dead_letter_headers` for a consumed aiokafka record."""
-    timestamp = record.timestamp if record.timestamp is not None and record.timestamp >= 0 else None
-    return dead_letter_headers(
-        error,
-        original_topic=record.topic,
-        original_partition=record.partition,
-        original_offset=record.offset,
-        original_timestamp=timestamp,
-        consumer_group=consumer_group,
-        attempts=attempts,
-        original_headers=[(k, bytes(v)) for k, v in record.headers or ()],
-    )
-
-
 def record_size(
-    value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes]]
+    value: bytes | None, key: bytes | None, headers: Sequence[tuple[str, bytes | None]]
 ) -> int:
     """Bytes of key, value and headers (the part of a record a size limit is about)."""
     size = len(value or b"") + len(key or b"")
     for name, header in headers:
-        size += len(name.encode("utf-8")) + len(header)
+        size += len(name.encode("utf-8")) + len(header or b"")
     return size
 
 
@@ -203,11 +200,26 @@ def record_size(
 # producer
 
 
-class RecordTooLargeError(PublishError):
+class RecordTooLargeError(PermanentPublishError):
     """The record exceeds the configured size limit; retrying cannot help."""
 
-    retriable = False
     reason = "record_too_large"
+
+
+#: broker answers that no retry can change (size, topic name, authorization, ...)
+_PERMANENT_SIZE_ERRORS = (MessageSizeTooLargeError, _KafkaRecordTooLarge)
+
+
+def publish_error(topic: str, exc: KafkaError) -> PublishError:
+    """Map a producer failure: only a broker that may come back (connection, timeout, leader
+    moving, not enough replicas) gives a retriable PublishError; a record the broker refuses
+    for what it is (too large, invalid topic, not authorized) gives a permanent one."""
+    message = f"broker did not acknowledge record for {topic}: {exc!r}"
+    if isinstance(exc, _PERMANENT_SIZE_ERRORS):
+        return RecordTooLargeError(message, stage="publish")
+    if isinstance(exc, BrokerResponseError) and not exc.retriable:
+        return PermanentPublishError(message, stage="publish")
+    return PublishError(message, stage="publish")
 
 
 class KafkaProducerAdapter:
@@ -267,18 +279,18 @@ class KafkaProducerAdapter:
         if producer is not None:
             await producer.stop()
 
-    async def flush(self) -> None:
-        if self._producer is not None:
-            await self._producer.flush()
-
     async def publish(
         self,
         topic: str,
-        value: bytes,
+        value: bytes | None,
         key: bytes | None = None,
-        headers: Sequence[tuple[str, bytes]] = (),
+        headers: Sequence[tuple[str, bytes | None]] = (),
     ) -> RecordMetadata:
-        """Send one record and wait until the broker acknowledged it (all in-sync replicas)."""
+        """Send one record and wait until the broker acknowledged it (all in-sync replicas).
+
+        Raises :class:`PublishError`: retriable when the broker may take it later,
+        :class:`PermanentPublishError` (e.g. :class:`RecordTooLargeError`) when it never will.
+        """
         if self._producer is None:
             raise RuntimeError("producer not started")
         size = record_size(value, key, headers)
@@ -293,9 +305,7 @@ class KafkaProducerAdapter:
                 topic, value=value, key=key, headers=list(headers)
             )
         except KafkaError as exc:
-            raise PublishError(
-                f"broker did not acknowledge record for {topic}: {exc!r}", stage="publish"
-            ) from exc
+            raise publish_error(topic, exc) from exc
         except TimeoutError as exc:
             raise PublishError(
                 f"timed out waiting for acknowledgement from {topic}", stage="publish"

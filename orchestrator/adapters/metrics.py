@@ -59,6 +59,18 @@ class Metrics:
         self.paused = Gauge(
             "orchestrator_consumption_paused", "1 while fetching is paused", ["cause"], registry=r
         )
+        self.stuck_records = Gauge(
+            "orchestrator_stuck_records",
+            "Records retried for longer than stuck_record_after_s (neither answered nor "
+            "dead-lettered yet; their partitions' commits wait)",
+            registry=r,
+        )
+        self.unexpected_errors = Counter(
+            "orchestrator_unexpected_errors",
+            "Exceptions the handling path did not expect (each ends in a dead letter)",
+            ["stage"],
+            registry=r,
+        )
         self.breaker_open = Gauge(
             "orchestrator_triton_circuit_open", "1 while Triton is considered down", registry=r
         )

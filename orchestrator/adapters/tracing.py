@@ -21,20 +21,23 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 TRACER_NAME = "orchestrator"
 _PROPAGATOR = TraceContextTextMapPropagator()
 
-KafkaHeaders = list[tuple[str, bytes]]
+#: Kafka header values may be null
+KafkaHeaders = list[tuple[str, bytes | None]]
 
 
-class _HeaderGetter(Getter[Iterable[tuple[str, bytes]]]):
-    def get(self, carrier: Iterable[tuple[str, bytes]], key: str) -> list[str] | None:
+class _HeaderGetter(Getter[Iterable[tuple[str, bytes | None]]]):
+    def get(self, carrier: Iterable[tuple[str, bytes | None]], key: str) -> list[str] | None:
         values = [v.decode("latin-1") for k, v in carrier if k.lower() == key.lower() and v]
         return values or None
 
-    def keys(self, carrier: Iterable[tuple[str, bytes]]) -> list[str]:
+    def keys(self, carrier: Iterable[tuple[str, bytes | None]]) -> list[str]:
         return [k for k, _ in carrier]
 
 
-class _HeaderSetter(Setter[MutableSequence[tuple[str, bytes]]]):
-    def set(self, carrier: MutableSequence[tuple[str, bytes]], key: str, value: str) -> None:
+class _HeaderSetter(Setter[MutableSequence[tuple[str, bytes | None]]]):
+    def set(
+        self, carrier: MutableSequence[tuple[str, bytes | None]], key: str, value: str
+    ) -> None:
         carrier[:] = [(k, v) for k, v in carrier if k.lower() != key.lower()]
         carrier.append((key, value.encode("latin-1")))
 
@@ -44,12 +47,12 @@ class _DictSetter(Setter[dict[str, str]]):
         carrier[key] = value
 
 
-def extract(headers: Iterable[tuple[str, bytes]] | None) -> otel_context.Context:
+def extract(headers: Iterable[tuple[str, bytes | None]] | None) -> otel_context.Context:
     """The trace context a record's `traceparent` header carries (empty if none)."""
     return _PROPAGATOR.extract(list(headers or []), getter=_HeaderGetter())
 
 
-def inject(headers: MutableSequence[tuple[str, bytes]]) -> None:
+def inject(headers: MutableSequence[tuple[str, bytes | None]]) -> None:
     """Write the current span's context into Kafka headers (`traceparent`, `tracestate`)."""
     _PROPAGATOR.inject(headers, setter=_HeaderSetter())
 
@@ -65,7 +68,7 @@ def grpc_metadata() -> dict[str, str]:
 def producer_span(
     tracer: trace.Tracer,
     topic: str,
-    headers: Iterable[tuple[str, bytes]],
+    headers: Iterable[tuple[str, bytes | None]],
     message_id: str | None = None,
 ) -> Iterator[KafkaHeaders]:
     """A `publish <topic>` producer span; yields the headers with its context injected, so the

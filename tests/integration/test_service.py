@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import io
 import struct
+import uuid
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -280,8 +281,8 @@ async def test_large_images_go_to_the_output_dir_and_reply_topic_routing(
     from orchestrator.client import Client
     from orchestrator.service import kafka_settings
 
+    custom = f"diffusion.replies.{uuid.uuid4().hex[:8]}"
     settings = make_settings(kafka, triton, inline_image_max_bytes=0, output_dir=tmp_path / "img")
-    custom = settings.response_topic + "-custom"
     request = GenerationRequest(prompt="stored", steps=2, num_images=2, request_id="uri-1")
     async with running_service(settings):
         await create_topics(settings.bootstrap_servers, [custom])
