@@ -60,9 +60,6 @@ STAT_MODELS = ("tokenizer", "text_encoder", VAE_ENCODER, UNET, VAE_DECODER, BLS_
 Stats = dict[str, dict[str, int]]
 
 
-COHORTS = int(os.environ.get('BENCH_COHORTS', '1'))
-
-
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--presets", default="micro", help="comma-separated: micro, tiny (default micro)"

@@ -8,8 +8,12 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from opentelemetry import trace
+
+if TYPE_CHECKING:
+    from orchestrator.config import Settings
 
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
@@ -45,6 +49,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    """One handler on the root logger, to stderr: text lines, or JSON lines (`fmt="json"`)."""
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -55,3 +60,9 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     for noisy in ("aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def configure_logging(settings: Settings, level: str | None = None) -> None:
+    """Logging as the settings say (`log_level`, `log_format`, from ORCHESTRATOR_* variables or
+    an env file); `level` (the command line's `--log-level`) overrides the settings' level."""
+    setup_logging(level or settings.log_level, settings.log_format)

@@ -11,6 +11,7 @@ the job (see README, "Reproducible seeds").
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from collections.abc import Mapping
 from typing import Any
@@ -54,7 +55,9 @@ ALIASES: Mapping[str, SchedulerSpec] = {
 STOCHASTIC_ALIASES = frozenset({"euler_a", "ddpm", "dpmpp_sde"})
 
 
+@functools.cache
 def _scheduler_classes() -> dict[str, type[Any]]:
+    """diffusers' scheduler classes by name (looked up once: diffusers imports them lazily)."""
     classes: dict[str, type[Any]] = {}
     for name in dir(diffusers):
         if not name.endswith("Scheduler"):
@@ -69,26 +72,12 @@ def _scheduler_classes() -> dict[str, type[Any]]:
     return classes
 
 
-_CLASSES: dict[str, type[Any]] | None = None
-
-
-def known_schedulers() -> list[str]:
-    """Every accepted name: aliases first, then diffusers class names."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _scheduler_classes()
-    return sorted(ALIASES) + sorted(_CLASSES)
-
-
 def resolve(name: str) -> tuple[type[Any], Mapping[str, Any]]:
     """Map an alias or a diffusers class name to (class, config overrides)."""
-    global _CLASSES
-    if _CLASSES is None:
-        _CLASSES = _scheduler_classes()
     spec = ALIASES.get(name.lower()) if name else None
     if spec is None:
         spec = SchedulerSpec(name)
-    cls = _CLASSES.get(spec.class_name)
+    cls = _scheduler_classes().get(spec.class_name)
     if cls is None:
         raise ValidationError(
             "scheduler",

