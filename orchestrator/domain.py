@@ -53,12 +53,31 @@ class ModelInfo:
     #: model name -> version string, reported in results
     versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
     unet_max_batch_size: int = 0
+    #: largest image (pixels) the deployment serves, declared by the model repository;
+    #: None: no declared limit (repositories built before the limits existed)
+    max_width: int | None = None
+    max_height: int | None = None
+    #: stage model name -> its config's max_batch_size (rows one call may carry); 0: unknown
+    max_batch_sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def max_rows(self, model: str) -> int:
+        """Rows one call to `model` may carry (its max_batch_size); 0 when not known."""
+        rows = self.max_batch_sizes.get(model, 0)
+        if not rows and model == "unet":
+            rows = self.unet_max_batch_size
+        return rows
 
     @classmethod
-    def from_parameters(cls, p: Mapping[str, str], max_batch_size: int = 0) -> ModelInfo:
+    def from_parameters(
+        cls,
+        p: Mapping[str, str],
+        max_batch_size: int = 0,
+        max_batch_sizes: Mapping[str, int] | None = None,
+    ) -> ModelInfo:
         """From the unet model's config `parameters` (see docs/model-repository.md).
 
-        Raises KeyError or ValueError for a missing or garbled parameter."""
+        `max_width`/`max_height` are optional (absent: no declared limit). Raises KeyError or
+        ValueError for a missing or garbled parameter."""
         return cls(
             latent_channels=int(p["latent_channels"]),
             vae_scale_factor=int(p["vae_scale_factor"]),
@@ -71,7 +90,21 @@ class ModelInfo:
             scheduler_config=json.loads(p["scheduler_config"]),
             versions={"source": p.get("source", "")},
             unet_max_batch_size=max_batch_size,
+            max_width=_optional_size(p, "max_width"),
+            max_height=_optional_size(p, "max_height"),
+            max_batch_sizes=dict(max_batch_sizes or {}),
         )
+
+
+def _optional_size(p: Mapping[str, str], key: str) -> int | None:
+    """A positive integer parameter, or None when the repository does not declare it."""
+    raw = p.get(key, "").strip()
+    if not raw:
+        return None
+    value = int(raw)
+    if value < 1:
+        raise ValueError(f"{key} must be a positive number of pixels, not {raw!r}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)

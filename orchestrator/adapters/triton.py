@@ -22,7 +22,16 @@ from orchestrator.errors import InferenceError, ModelConfigError, TransientInfer
 #: gRPC status codes after which the same call may succeed
 TRANSIENT_CODES = frozenset(
     {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "ABORTED", "CANCELLED", "UNKNOWN"}
+    # a stage model that start-up found is gone: the server is unloading it (shutting down,
+    # a rolling restart) or loading it again; another endpoint, or the same one later, serves
+    | {"NOT_FOUND"}
 )
+#: codes that say this endpoint cannot serve now (another one may): the pool skips it at once
+ENDPOINT_DOWN_CODES = frozenset({"UNAVAILABLE", "NOT_FOUND"})
+
+
+#: the models whose configs `model_info` reads (the unet's parameters, every max_batch_size)
+STAGE_MODELS = ("unet", "encode_prompt", "vae_encoder", "vae_decoder")
 
 
 def _status_code(exc: InferenceServerException) -> str:
@@ -153,16 +162,16 @@ class TritonClient:
         return stats
 
     async def model_info(self) -> ModelInfo:
-        """Learn what the orchestrator needs from the models' config parameters."""
-        unet = await self.model_config("unet")
-        encode = await self.model_config("encode_prompt")
-        outputs = {o.get("name") for o in encode.get("output", [])}
+        """Learn what the orchestrator needs from the models' configs: the unet's parameters
+        (model facts and declared size limits) and every stage's max_batch_size."""
+        configs = {model: await self.model_config(model) for model in STAGE_MODELS}
+        outputs = {o.get("name") for o in configs["encode_prompt"].get("output", [])}
         if "num_tokens" not in outputs:
             raise ModelConfigError(
                 "the encode_prompt model has no num_tokens output: the repository was built by "
                 "an older version; rebuild it with `orchestrator models build`"
             )
-        return model_info_from_configs(unet)
+        return model_info_from_configs(configs["unet"], configs)
 
 
 def _params(cfg: Mapping[str, Any]) -> dict[str, str]:
@@ -170,10 +179,14 @@ def _params(cfg: Mapping[str, Any]) -> dict[str, str]:
     return {k: str(v.get("string_value", "")) for k, v in raw.items()}
 
 
-def model_info_from_configs(unet: Mapping[str, Any]) -> ModelInfo:
+def model_info_from_configs(
+    unet: Mapping[str, Any], stages: Mapping[str, Mapping[str, Any]] | None = None
+) -> ModelInfo:
+    """ModelInfo from the unet's config and (optionally) every stage's, for their batch sizes."""
     p = _params(unet)
+    rows = {name: int(cfg.get("max_batch_size", 0)) for name, cfg in (stages or {}).items()}
     try:
-        return ModelInfo.from_parameters(p, int(unet.get("max_batch_size", 0)))
+        return ModelInfo.from_parameters(p, int(unet.get("max_batch_size", 0)), rows)
     except (KeyError, ValueError) as exc:
         raise ModelConfigError(
             f"the unet model's config lacks or garbles parameter {exc}; rebuild the repository "

@@ -18,7 +18,7 @@ import numpy.typing as npt
 import torch
 
 from orchestrator.core.schedulers import JobScheduler, initial_noise
-from orchestrator.core.validation import Limits, ValidRequest, validate
+from orchestrator.core.validation import Limits, ValidRequest, guided, validate
 from orchestrator.domain import FloatArray, GeneratedImages, GenerationRequest, ModelInfo, StageCall
 from orchestrator.errors import InferenceError
 
@@ -67,7 +67,7 @@ class Job:
     @property
     def guided(self) -> bool:
         """diffusers: classifier-free guidance only when guidance_scale > 1."""
-        return self.valid.request.guidance_scale > 1.0
+        return guided(self.valid.request)
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -84,7 +84,10 @@ class Job:
 
 
 def start_job(request: GenerationRequest, info: ModelInfo, limits: Limits | None = None) -> Job:
-    """Validate a request and build its job; raises ValidationError naming the bad field."""
+    """Validate a request and build its job; raises ValidationError naming the bad field.
+
+    Enforces `limits` (the service's settings) and what `info` says the deployed models serve
+    (declared max width/height, each stage's max_batch_size), whichever is smaller."""
     valid = validate(request, info, limits or Limits())
     scheduler = JobScheduler(request.scheduler, info.scheduler_config, request.seed)
     scheduler.set_timesteps(request.steps)

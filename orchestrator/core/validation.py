@@ -38,15 +38,71 @@ class ValidRequest:
     init_image: FloatArray | None
 
 
-def _check_size(field: str, value: int, multiple: int, maximum: int) -> None:
+#: where a model-declared limit comes from, as the refusal says it
+MODEL_SOURCE = "declared by the model repository"
+
+
+def guided(request: GenerationRequest) -> bool:
+    """diffusers: classifier-free guidance only when guidance_scale > 1."""
+    return request.guidance_scale > 1.0
+
+
+def _check_size(field: str, value: int, multiple: int, setting: int, declared: int | None) -> None:
+    """Positive, a multiple of the model's size unit, and within the smaller of the service's
+    setting and the deployed model's declared maximum (the refusal names the one that binds)."""
     if value <= 0:
         raise ValidationError(field, f"must be positive, got {value}")
     if value % multiple:
         raise ValidationError(
             field, f"must be a multiple of {multiple} for this model, got {value}"
         )
-    if value > maximum:
-        raise ValidationError(field, f"must be at most {maximum}, got {value}")
+    if declared is not None and declared <= setting:
+        if value > declared:
+            raise ValidationError(
+                field,
+                f"{value} is over the deployed model's max_{field} {declared} ({MODEL_SOURCE})",
+            )
+    elif value > setting:
+        raise ValidationError(
+            field,
+            f"{value} is over the service's max_{field} {setting} "
+            f"(setting ORCHESTRATOR_MAX_{field.upper()})",
+        )
+
+
+def stage_rows(request: GenerationRequest, img2img: bool) -> dict[str, int]:
+    """Rows each stage call of this request carries (its own, before any batching)."""
+    text = 2 if guided(request) else 1
+    rows = {
+        "unet": request.num_images * text,
+        "vae_decoder": request.num_images,
+        "encode_prompt": text,
+    }
+    if img2img:
+        rows["vae_encoder"] = 1
+    return rows
+
+
+def _check_rows(request: GenerationRequest, info: ModelInfo) -> None:
+    """Each call of the request must fit its stage's max_batch_size (Triton refuses more)."""
+    for model, rows in stage_rows(request, request.init_image is not None).items():
+        limit = info.max_rows(model)
+        if not limit or rows <= limit:
+            continue
+        guidance = f"guidance_scale {request.guidance_scale:g} (> 1: guidance)"
+        if model == "encode_prompt":
+            field, asked = "guidance_scale", guidance
+        elif model == "vae_encoder":
+            field, asked = "init_image", "an init image"
+        elif model == "unet" and guided(request):
+            field, asked = "num_images", f"{request.num_images} with {guidance}"
+        else:
+            field, asked = "num_images", str(request.num_images)
+        raise ValidationError(
+            field,
+            f"{asked} needs {rows} rows in one {model} call, over the deployed model's "
+            f"{model} max_batch_size {limit} ({MODEL_SOURCE})",
+        )
 
 
 def decode_init_image(data: bytes, width: int, height: int, limits: Limits) -> FloatArray:
@@ -85,7 +141,10 @@ def init_image_size(data: bytes) -> tuple[int, int]:
 
 
 def validate(request: GenerationRequest, info: ModelInfo, limits: Limits) -> ValidRequest:
-    """Check every field of a request against the model and the operator's limits."""
+    """Check every field of a request against the model and the operator's limits.
+
+    The effective size limit is the smaller of the service's setting and the deployed model's
+    declared maximum; each stage call must fit that stage's max_batch_size."""
     if not isinstance(request.prompt, str) or not request.prompt.strip():
         raise ValidationError("prompt", "must be a non-empty string")
     if len(request.prompt) > limits.max_prompt_chars:
@@ -132,8 +191,9 @@ def validate(request: GenerationRequest, info: ModelInfo, limits: Limits) -> Val
     else:
         width = request.width if request.width is not None else info.default_width
         height = request.height if request.height is not None else info.default_height
-    _check_size("width", width, info.size_multiple, limits.max_width)
-    _check_size("height", height, info.size_multiple, limits.max_height)
+    _check_size("width", width, info.size_multiple, limits.max_width, info.max_width)
+    _check_size("height", height, info.size_multiple, limits.max_height, info.max_height)
+    _check_rows(request, info)
     if request.init_image is not None:
         init = decode_init_image(request.init_image, width, height, limits)
     return ValidRequest(request=request, width=width, height=height, init_image=init)

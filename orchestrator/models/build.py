@@ -23,7 +23,9 @@ class BuildError(Exception):
 
 #: Bump when the repository's contract changes (tensors, parameters, models), so that cached
 #: builds (`orchestrator dev`, the benchmarks) are rebuilt instead of served stale.
-REPOSITORY_FORMAT = "2"  # 2: tokenizer/encode_prompt return num_tokens; pipeline_bls
+#: 2: tokenizer/encode_prompt return num_tokens; pipeline_bls. 3: the unet declares max_width
+#: and max_height; CPU stages hand back arena memory above ort_arena_keep_mb.
+REPOSITORY_FORMAT = "3"
 FORMAT_FILE = "orchestrator-format.txt"
 
 
@@ -71,11 +73,13 @@ def build_models(
     if max_batch_size < 1:
         raise BuildError(f"max batch size must be at least 1, not {max_batch_size}")
     out = Path(out)
+    preset_max_size: int | None = None
     if preset is not None:
         try:
             spec = presets.get_preset(preset)
         except ValueError as exc:
             raise BuildError(str(exc)) from exc
+        preset_max_size = spec.max_size
         model_dir = presets.save_preset(spec, out / "diffusers")
     else:
         assert source is not None
@@ -109,6 +113,7 @@ def build_models(
             max_batch_size=max_batch_size,
             source=_source_label(preset, source),
             queue_delay_us=queue_delay_us,
+            limits=repository.serving_limits(components.facts, target, preset_max_size),
         )
     (repo / FORMAT_FILE).write_text(REPOSITORY_FORMAT + "\n")
     return repo
@@ -134,6 +139,12 @@ def run_build(
     print(f"triton repository ({target}): {repo}")
     for name in repository.MODEL_NAMES:
         print(f"  {name}: {repo / name / 'config.pbtxt'}")
+    limits = repository.read_limits(repo)
+    if limits is not None:
+        print(
+            f"serves images up to {limits.max_width}x{limits.max_height} and {max_batch_size} "
+            "rows per call (unet parameters max_width/max_height, max_batch_size)"
+        )
     if target == "gpu":
         print(f"  convert with: bash {repo / 'convert.sh'} (trtexec, inside the NGC container)")
     print(f"built in {elapsed:.1f} s")

@@ -38,6 +38,10 @@ class Preset:
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
     scheduler: dict[str, Any]
+    #: largest width and height (pixels) the repository declares: measured on a 2-core, 24 GiB
+    #: CPU through tritonserver (docs/model-repository.md has the figures); a full batch of
+    #: max_batch_size rows at this size still fits with room to spare
+    max_size: int
 
 
 def _text_config(hidden: int, intermediate: int, layers: int, heads: int) -> dict[str, Any]:
@@ -86,6 +90,8 @@ PRESETS: dict[str, Preset] = {
         },
         text_encoder=_text_config(hidden=64, intermediate=128, layers=2, heads=4),
         scheduler=SD15_SCHEDULER,
+        # 2x the default 64: one UNet call of 64 rows at 128x128 peaks at 5.6 GB and 7.6 s
+        max_size=128,
     ),
     "micro": Preset(
         name="micro",
@@ -116,6 +122,8 @@ PRESETS: dict[str, Preset] = {
         },
         text_encoder=_text_config(hidden=32, intermediate=64, layers=1, heads=4),
         scheduler=SD15_SCHEDULER,
+        # 2x the default 32: one UNet call of 64 rows at 64x64 peaks at 3.7 GB and 2.3 s
+        max_size=64,
     ),
 }
 

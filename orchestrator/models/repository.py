@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,6 +43,37 @@ DEFAULT_ORT_THREADS: Mapping[str, int] = {
     "unet": 1,
     "vae_decoder": 1,
 }
+#: MiB over the loaded model a CPU stage's ONNX Runtime arena may keep between calls; after a
+#: call leaves more, the stage hands the free memory back (triton_models/onnx_stage/model.py)
+DEFAULT_ARENA_KEEP_MB = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingLimits:
+    """What the repository declares the deployment serves: the unet's `max_width` and
+    `max_height` parameters (pixels). Rows per call are each model's `max_batch_size`."""
+
+    max_width: int
+    max_height: int
+
+
+def serving_limits(
+    facts: ModelFacts, target: str, preset_max_size: int | None = None
+) -> ServingLimits:
+    """The declared limits: a preset's measured size; a model from a folder gets its native
+    size (sample_size x VAE factor, 512 for SD 1.5) on CPU and twice that on GPU (the largest
+    latent of the TensorRT optimization profile). Rounded down to the size multiple."""
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
+    if preset_max_size is not None:
+        size = preset_max_size
+    elif target == "cpu":
+        size = facts.default_height
+    else:
+        size = 2 * facts.default_height
+    unit = facts.size_multiple
+    size = max(unit, size // unit * unit)
+    return ServingLimits(max_width=size, max_height=size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +99,20 @@ def template_dir() -> Path:
     return root
 
 
-def model_specs(facts: ModelFacts, source: str) -> list[ModelSpec]:
+def read_limits(repo: Path) -> ServingLimits | None:
+    """The limits a written repository's unet declares; None when it declares none."""
+    text = (repo / "unet" / "config.pbtxt").read_text(encoding="utf-8")
+    found = {
+        key: int(m.group(1))
+        for key in ("max_width", "max_height")
+        if (m := re.search(rf'key: "{key}" value: {{ string_value: "(\d+)" }}', text))
+    }
+    if len(found) < 2:
+        return None
+    return ServingLimits(max_width=found["max_width"], max_height=found["max_height"])
+
+
+def model_specs(facts: ModelFacts, source: str, limits: ServingLimits) -> list[ModelSpec]:
     """Tensors and parameters of every model, in dependency order."""
     c, length, dim = facts.latent_channels, facts.text_max_length, facts.text_embed_dim
     vae_params = {
@@ -83,6 +128,8 @@ def model_specs(facts: ModelFacts, source: str) -> list[ModelSpec]:
         "scheduler_config": json.dumps(dict(facts.scheduler_config), sort_keys=True),
         "text_max_length": str(length),
         "text_embed_dim": str(dim),
+        "max_width": str(limits.max_width),
+        "max_height": str(limits.max_height),
         **vae_params,
     }
     prompt = TensorSpec("prompt", "TYPE_STRING", (1,))
@@ -196,6 +243,7 @@ def render_config(
         lines.append('backend: "python"')
         if spec.name in ort_threads:
             params["ort_intra_op_threads"] = str(ort_threads[spec.name])
+            params["ort_arena_keep_mb"] = str(DEFAULT_ARENA_KEEP_MB)
     else:
         lines.append('platform: "tensorrt_plan"')
         lines.append('default_model_filename: "model.plan"')
@@ -212,9 +260,9 @@ def render_config(
     return "\n".join(lines) + "\n"
 
 
-def bls_spec(facts: ModelFacts, source: str) -> ModelSpec:
+def bls_spec(facts: ModelFacts, source: str, limits: ServingLimits) -> ModelSpec:
     """The BLS baseline's tensors; its parameters are the unet's (the pipeline needs them all)."""
-    unet = next(s for s in model_specs(facts, source) if s.name == "unet")
+    unet = next(s for s in model_specs(facts, source, limits) if s.name == "unet")
     scalar = (1,)
     return ModelSpec(
         BLS_MODEL,
@@ -238,14 +286,14 @@ def bls_spec(facts: ModelFacts, source: str) -> ModelSpec:
 
 
 def render_bls_config(
-    facts: ModelFacts, max_batch_size: int, *, source: str, instances: int
+    facts: ModelFacts, max_batch_size: int, *, source: str, instances: int, limits: ServingLimits
 ) -> str:
     """config.pbtxt of the BLS baseline: a CPU Python model for both targets (it orchestrates;
     the stage models it calls run wherever their own configs say). No dynamic batching: each
     request runs its whole pipeline alone, `instances` of them at a time."""
     if instances < 1:
         raise ValueError("the BLS model needs at least one instance")
-    spec = bls_spec(facts, source)
+    spec = bls_spec(facts, source, limits)
     lines = [f"name: {_quote(spec.name)}", 'backend: "python"', f"max_batch_size: {max_batch_size}"]
     lines += _tensors("input", spec.inputs)
     lines += _tensors("output", spec.outputs)
@@ -254,34 +302,36 @@ def render_bls_config(
     return "\n".join(lines) + "\n"
 
 
-def _trt_shapes(facts: ModelFacts, stage: str, max_batch_size: int) -> tuple[str, str, str]:
-    """trtexec --minShapes/--optShapes/--maxShapes values for one stage."""
+def _trt_shapes(
+    facts: ModelFacts, stage: str, max_batch_size: int, limits: ServingLimits
+) -> tuple[str, str, str]:
+    """trtexec --minShapes/--optShapes/--maxShapes values for one stage; the largest shape is
+    the declared limit, so every request the service admits fits the engine's profile."""
     unit = facts.size_multiple // facts.vae_scale_factor
-    lat_min, lat_opt, lat_max = unit, facts.sample_size, max(2 * facts.sample_size, unit)
-    f, c, length, dim = (
-        facts.vae_scale_factor,
-        facts.latent_channels,
-        facts.text_max_length,
-        facts.text_embed_dim,
-    )
+    f = facts.vae_scale_factor
+    low = (unit, unit)
+    opt = (facts.sample_size, facts.sample_size)
+    high = (max(limits.max_height // f, unit), max(limits.max_width // f, unit))
+    c, length, dim = (facts.latent_channels, facts.text_max_length, facts.text_embed_dim)
     opt_batch = min(max_batch_size, 4)
 
-    def shapes(batch: int, lat: int) -> str:
+    def shapes(batch: int, lat: tuple[int, int]) -> str:
+        h, w = lat
         if stage == "text_encoder":
             return f"input_ids:{batch}x{length}"
         if stage == "vae_encoder":
-            return f"image:{batch}x3x{lat * f}x{lat * f}"
+            return f"image:{batch}x3x{h * f}x{w * f}"
         if stage == "unet":
             return (
-                f"sample:{batch}x{c}x{lat}x{lat},timestep:{batch}x1,"
+                f"sample:{batch}x{c}x{h}x{w},timestep:{batch}x1,"
                 f"encoder_hidden_states:{batch}x{length}x{dim}"
             )
-        return f"latent:{batch}x{c}x{lat}x{lat}"
+        return f"latent:{batch}x{c}x{h}x{w}"
 
-    return shapes(1, lat_min), shapes(opt_batch, lat_opt), shapes(max_batch_size, lat_max)
+    return shapes(1, low), shapes(opt_batch, opt), shapes(max_batch_size, high)
 
 
-def render_convert_script(facts: ModelFacts, max_batch_size: int) -> str:
+def render_convert_script(facts: ModelFacts, max_batch_size: int, limits: ServingLimits) -> str:
     lines = [
         "#!/usr/bin/env bash",
         "# Turn each stage's ONNX file into the TensorRT engine Triton loads (model.plan).",
@@ -293,7 +343,7 @@ def render_convert_script(facts: ModelFacts, max_batch_size: int) -> str:
         "",
     ]
     for stage in ONNX_STAGES:
-        low, opt, high = _trt_shapes(facts, stage, max_batch_size)
+        low, opt, high = _trt_shapes(facts, stage, max_batch_size, limits)
         lines += [
             f'echo "building {stage}/1/model.plan"',
             '"$TRTEXEC" \\',
@@ -308,7 +358,7 @@ def render_convert_script(facts: ModelFacts, max_batch_size: int) -> str:
     return "\n".join(lines)
 
 
-def render_gpu_readme(facts: ModelFacts, max_batch_size: int) -> str:
+def render_gpu_readme(facts: ModelFacts, max_batch_size: int, limits: ServingLimits) -> str:
     return f"""# Triton model repository (GPU, TensorRT)
 
 Same model names and tensors as the CPU variant (see docs/model-repository.md).
@@ -322,9 +372,11 @@ Before serving, build the engines on the target GPU inside the NGC container:
     bash convert.sh            # or: TRTEXEC_FLAGS=--fp16 bash convert.sh
 
 Optimization profiles: batch 1..{max_batch_size}; latent side
-{facts.size_multiple // facts.vae_scale_factor}..{2 * facts.sample_size} (optimum
-{facts.sample_size}), i.e. images up to {2 * facts.default_height} pixels. Edit `convert.sh`
-for larger images. Then start Triton with `--model-repository` pointing here.
+{facts.size_multiple // facts.vae_scale_factor}..{limits.max_height // facts.vae_scale_factor}
+(optimum {facts.sample_size}), i.e. images up to {limits.max_width}x{limits.max_height} pixels,
+the size the unet's `max_width`/`max_height` parameters declare (the orchestrator refuses
+larger requests). For larger images, edit both `convert.sh` and those parameters. Then start
+Triton with `--model-repository` pointing here.
 """
 
 
@@ -339,17 +391,21 @@ def write_repository(
     source: str,
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     bls_instances: int = DEFAULT_BLS_INSTANCES,
+    limits: ServingLimits | None = None,
 ) -> list[Path]:
-    """Write the whole repository (replacing any old one); returns the files written."""
+    """Write the whole repository (replacing any old one); returns the files written.
+
+    `limits` (default: `serving_limits(facts, target)`) become the unet's declared sizes."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
+    limits = limits or serving_limits(facts, target)
     if max_batch_size < 1:
         raise ValueError("max_batch_size must be at least 1")
     templates = template_dir()
     if repo.exists():
         shutil.rmtree(repo)
     written: list[Path] = []
-    for spec in model_specs(facts, source):
+    for spec in model_specs(facts, source, limits):
         model_dir = repo / spec.name
         version = model_dir / "1"
         version.mkdir(parents=True)
@@ -376,7 +432,9 @@ def write_repository(
     config = repo / BLS_MODEL / "config.pbtxt"
     (repo / BLS_MODEL / "1").mkdir(parents=True)
     config.write_text(
-        render_bls_config(facts, max_batch_size, source=source, instances=bls_instances),
+        render_bls_config(
+            facts, max_batch_size, source=source, instances=bls_instances, limits=limits
+        ),
         encoding="utf-8",
     )
     model = repo / BLS_MODEL / "1" / "model.py"
@@ -384,9 +442,9 @@ def write_repository(
     written += [config, model]
     if target == "gpu":
         script = repo / "convert.sh"
-        script.write_text(render_convert_script(facts, max_batch_size), encoding="utf-8")
+        script.write_text(render_convert_script(facts, max_batch_size, limits), encoding="utf-8")
         script.chmod(0o755)
         readme = repo / "README.md"
-        readme.write_text(render_gpu_readme(facts, max_batch_size), encoding="utf-8")
+        readme.write_text(render_gpu_readme(facts, max_batch_size, limits), encoding="utf-8")
         written += [script, readme]
     return written

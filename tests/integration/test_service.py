@@ -158,13 +158,14 @@ async def test_bad_input_is_dead_lettered_with_headers_good_input_answered(
             "invalid_request",
             "validate",
         ),
-        # 40 images x 2 (guidance) = 80 rows > the UNet's max_batch_size 64: Triton refuses it
+        # 40 images x 2 (guidance) = 80 rows > the UNet's max_batch_size 64: refused before
+        # any model call (tests/integration/test_model_limits.py checks the message)
         "model-error": (
             codec.encode_request(
                 dataclasses.replace(good, num_images=40, request_id="model-error")
             ),
-            "inference_error",
-            "unet",
+            "invalid_request",
+            "validate",
         ),
     }
     async with running_service(settings) as service, client_for(settings) as client:

@@ -73,11 +73,17 @@ def test_layout(built: dict[str, Path], preset: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("preset", "size", "multiple", "factor", "dim"),
-    [("tiny", 64, 8, 4, 64), ("micro", 32, 4, 2, 32)],
+    ("preset", "size", "multiple", "factor", "dim", "max_size"),
+    [("tiny", 64, 8, 4, 64, 128), ("micro", 32, 4, 2, 32, 64)],
 )
 def test_config_parameters(
-    built: dict[str, Path], preset: str, size: int, multiple: int, factor: int, dim: int
+    built: dict[str, Path],
+    preset: str,
+    size: int,
+    multiple: int,
+    factor: int,
+    dim: int,
+    max_size: int,
 ) -> None:
     repo = built[preset] / "repository"
     configs = {name: parse_config(repo / name / "config.pbtxt") for name in repository.MODEL_NAMES}
@@ -92,6 +98,13 @@ def test_config_parameters(
     assert unet["default_height"] == unet["default_width"] == str(size)
     assert unet["text_max_length"] == "77"
     assert unet["text_embed_dim"] == str(dim)
+    # the sizes the preset was measured to serve (docs/model-repository.md)
+    assert unet["max_width"] == unet["max_height"] == str(max_size)
+    assert params(configs["pipeline_bls"])["max_width"] == str(max_size)
+    assert repository.read_limits(repo) == repository.ServingLimits(max_size, max_size)
+    for stage in export.STAGES:
+        keep = params(configs[stage])["ort_arena_keep_mb"]
+        assert keep == str(repository.DEFAULT_ARENA_KEEP_MB)
     assert unet["vae_scale_factor"] == str(factor)
     assert float(unet["scaling_factor"]) == pytest.approx(0.18215)
     scheduler = json.loads(unet["scheduler_config"])
@@ -147,7 +160,11 @@ def test_gpu_variant(built: dict[str, Path], tmp_path: Path) -> None:
         assert (repo / stage / "1" / "model.onnx").is_file()
         assert not (repo / stage / "1" / "model.py").exists()
     assert parse_config(repo / "tokenizer" / "config.pbtxt").backend == "python"
-    assert params(parse_config(repo / "unet" / "config.pbtxt"))["size_multiple"] == "8"
+    unet = params(parse_config(repo / "unet" / "config.pbtxt"))
+    assert unet["size_multiple"] == "8"
+    # a model from a folder on GPU: twice its native size, the engine profile's largest shape
+    assert unet["max_width"] == unet["max_height"] == "128"
+    assert "ort_arena_keep_mb" not in unet
     script = (repo / "convert.sh").read_text()
     subprocess.run(["bash", "-n", str(repo / "convert.sh")], check=True)
     for stage in export.STAGES:
@@ -236,6 +253,25 @@ def test_from_folder_is_deterministic(built: dict[str, Path], tmp_path: Path) ->
         ).read_bytes()
     config = parse_config(repo / "unet" / "config.pbtxt")
     assert params(config)["source"] == str(source.resolve())
+    # a model from a folder on CPU declares its native size (the preset's own is measured)
+    assert params(config)["max_width"] == params(config)["max_height"] == "32"
+
+
+def test_declared_limits_of_folders_presets_and_targets(
+    components: dict[str, export.Components],
+) -> None:
+    tiny = components["tiny"].facts  # native 64, size multiple 8
+    limits = repository.serving_limits
+    assert limits(tiny, "cpu") == repository.ServingLimits(64, 64)
+    assert limits(tiny, "gpu") == repository.ServingLimits(128, 128)
+    assert limits(tiny, "cpu", preset_max_size=100) == repository.ServingLimits(96, 96)
+    assert limits(tiny, "gpu", preset_max_size=4) == repository.ServingLimits(8, 8)
+    with pytest.raises(ValueError):
+        limits(tiny, "tpu")
+    # the TensorRT profile's largest shape follows a declared limit
+    script = repository.render_convert_script(tiny, 8, repository.ServingLimits(192, 96))
+    assert "--maxShapes=sample:8x4x24x48," in script
+    assert "--maxShapes=image:8x3x96x192" in script
 
 
 def test_bad_source_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -270,6 +306,14 @@ def test_stage_template_helpers() -> None:
     assert stage.group_requests(keys) == [[0, 1, 3], [2]]
     assert stage.split_points([1, 2, 3]) == [1, 3]
     assert stage.split_points([4]) == []
+    feed = {"sample": np.ones((3, 4, 8, 8), np.float32), "t": np.arange(3.0).reshape(3, 1)}
+    row = stage.one_row(feed)
+    assert {k: v.shape for k, v in row.items()} == {"sample": (1, 4, 8, 8), "t": (1, 1)}
+    assert stage.feed_bytes(row) == 4 * 256 + 8
+    before = stage.resident_kib()
+    grown = np.ones(64 * 1024 * 1024, np.uint8)  # 64 MiB, touched
+    assert stage.resident_kib() - before > 60 * 1024
+    del grown
     tok = load_template("tokenizer")
     arr = np.array([[b"a cat"], ["caf\u00e9".encode()]], dtype=object)
     assert tok.decode_prompts(arr) == ["a cat", "caf\u00e9"]

@@ -74,8 +74,11 @@ def test_bad_fields_raise_validation_error_naming_the_field(
 
 
 def test_limits_are_configurable() -> None:
-    with pytest.raises(ValidationError, match="width: must be at most 32"):
+    with pytest.raises(ValidationError) as info:
         start_job(dataclasses.replace(GOOD, width=64), INFO, Limits(max_width=32))
+    assert str(info.value) == (
+        "width: 64 is over the service's max_width 32 (setting ORCHESTRATOR_MAX_WIDTH)"
+    )
     job = start_job(dataclasses.replace(GOOD, steps=150), INFO, Limits())
     assert len(job.timesteps) >= 150
 
@@ -97,3 +100,94 @@ def test_img2img_size_defaults_to_the_init_image_rounded_down() -> None:
 def test_any_diffusers_class_name_is_accepted() -> None:
     job = start_job(dataclasses.replace(GOOD, scheduler="DDIMScheduler"), INFO)
     assert job.scheduler.name == "DDIMScheduler"
+
+
+#: what a repository built now declares: 128 pixels, 64 rows per UNet call, 8 per VAE decode
+DECLARED = dataclasses.replace(
+    INFO,
+    max_width=128,
+    max_height=96,
+    unet_max_batch_size=64,
+    max_batch_sizes={"unet": 64, "encode_prompt": 64, "vae_encoder": 64, "vae_decoder": 8},
+)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"width": 768},
+            "width: 768 is over the deployed model's max_width 128 (declared by the model "
+            "repository)",
+        ),
+        (
+            {"height": 104},
+            "height: 104 is over the deployed model's max_height 96 (declared by the model "
+            "repository)",
+        ),
+        (
+            # without width/height, img2img takes the init image's size: still bounded
+            {"init_image": png(200, 64), "strength": 0.5},
+            "width: 200 is over the deployed model's max_width 128 (declared by the model "
+            "repository)",
+        ),
+        (
+            {"num_images": 33},
+            "num_images: 33 with guidance_scale 7.5 (> 1: guidance) needs 66 rows in one unet "
+            "call, over the deployed model's unet max_batch_size 64 (declared by the model "
+            "repository)",
+        ),
+        (
+            {"num_images": 9, "guidance_scale": 1.0},
+            "num_images: 9 needs 9 rows in one vae_decoder call, over the deployed model's "
+            "vae_decoder max_batch_size 8 (declared by the model repository)",
+        ),
+    ],
+)
+def test_the_deployed_models_declared_limits_are_enforced(
+    changes: dict[str, object], message: str
+) -> None:
+    request = dataclasses.replace(GOOD, **changes)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError) as info:
+        start_job(request, DECLARED, Limits(max_num_images=64))
+    assert str(info.value) == message
+    assert info.value.reason == "invalid_request"
+    assert disposition(info.value) is Disposition.DEAD_LETTER
+
+
+def test_the_smaller_of_setting_and_declared_limit_binds() -> None:
+    at_limit = dataclasses.replace(GOOD, width=128, height=96, num_images=8)
+    job = start_job(at_limit, DECLARED, Limits(max_num_images=64))
+    assert job.latent_shape == (8, 4, 24, 32)
+    wide = dataclasses.replace(DECLARED, max_batch_sizes={"unet": 64})
+    # 32 images with guidance: exactly the UNet's 64 rows
+    assert start_job(dataclasses.replace(GOOD, num_images=32), wide, Limits(max_num_images=64))
+    # a setting below the model's declaration is the one named
+    with pytest.raises(ValidationError) as info:
+        start_job(dataclasses.replace(GOOD, width=96), DECLARED, Limits(max_width=64))
+    assert "service's max_width 64" in str(info.value)
+    # the settings' num_images bound still applies below the rows bound
+    with pytest.raises(ValidationError, match="num_images: must be between 1 and 4"):
+        start_job(dataclasses.replace(GOOD, num_images=5), DECLARED, Limits())
+
+
+def test_a_repository_without_declared_limits_keeps_the_settings_limits() -> None:
+    """Repositories built before the limits existed: no max_width/height, no batch sizes."""
+    assert INFO.max_width is None and INFO.max_height is None and INFO.max_rows("unet") == 0
+    job = start_job(
+        dataclasses.replace(GOOD, width=1024, height=512, num_images=64),
+        INFO,
+        Limits(max_num_images=64),
+    )
+    assert (job.valid.width, job.valid.height) == (1024, 512)
+    with pytest.raises(ValidationError, match="service's max_height 1024"):
+        start_job(dataclasses.replace(GOOD, height=1032), INFO, Limits())
+
+
+def test_guidance_needs_two_rows_in_the_text_encoder_call() -> None:
+    one_row = dataclasses.replace(DECLARED, max_batch_sizes={"encode_prompt": 1})
+    with pytest.raises(ValidationError) as info:
+        start_job(GOOD, one_row)
+    assert info.value.field == "guidance_scale"
+    assert "needs 2 rows in one encode_prompt call" in str(info.value)
+    assert start_job(dataclasses.replace(GOOD, guidance_scale=1.0), one_row).n == 1

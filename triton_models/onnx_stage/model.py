@@ -11,10 +11,18 @@ their own groups. A failure answers every affected request with a TritonError; i
 
 Threads: the `ort_intra_op_threads` parameter (default 1); the environment variable
 `ORCH_ORT_INTRA_OP_THREADS`, when set, overrides it for every model of the server.
+
+Memory: ONNX Runtime's CPU arena keeps every buffer it ever grew to, so one large shape would
+hold its peak for the life of the process. After a call that leaves this process more than the
+`ort_arena_keep_mb` parameter (default 1024) above its size once the model was loaded, one
+single-row run of the smallest input seen so far is made with the
+`memory.enable_memory_arena_shrinkage` run option, which hands the arena's free regions back to
+the operating system. Calls within the bound keep the arena warm (no page faults on reuse).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -28,6 +36,9 @@ except ImportError:  # imported by unit tests for the pure helpers
     pb_utils = None
 
 THREADS_ENV = "ORCH_ORT_INTRA_OP_THREADS"
+#: growth over the loaded model, in MiB, that the arena may keep between calls
+DEFAULT_ARENA_KEEP_MB = 1024
+SHRINK_ENTRY = "memory.enable_memory_arena_shrinkage"
 
 
 def group_requests(
@@ -47,6 +58,22 @@ def group_requests(
 def split_points(batch_sizes: list[int]) -> list[int]:
     """Offsets at which a concatenated output is cut back into per-request pieces."""
     return [int(x) for x in np.cumsum(batch_sizes)[:-1]]
+
+
+def one_row(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The first row of every input: a valid call of the same shape, as small as it gets."""
+    return {name: np.ascontiguousarray(array[:1]) for name, array in feed.items()}
+
+
+def feed_bytes(feed: dict[str, np.ndarray]) -> int:
+    return sum(int(array.nbytes) for array in feed.values())
+
+
+def resident_kib() -> int:
+    """This process's resident set size in KiB (Linux /proc/self/statm)."""
+    with open("/proc/self/statm", encoding="ascii") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
 def _parameters(config: dict[str, Any]) -> dict[str, str]:
@@ -76,6 +103,13 @@ class TritonPythonModel:
         self.session = ort.InferenceSession(
             str(onnx_path), options, providers=["CPUExecutionProvider"]
         )
+        self.keep_kib = int(params.get("ort_arena_keep_mb") or DEFAULT_ARENA_KEEP_MB) * 1024
+        self.loaded_kib = resident_kib()
+        self.shrink_options = ort.RunOptions()
+        self.shrink_options.add_run_config_entry(SHRINK_ENTRY, "cpu:0")
+        #: the smallest one-row input seen, replayed to shrink the arena
+        self.small_feed: dict[str, np.ndarray] | None = None
+        self.shrinks = 0
         onnx_inputs = {i.name for i in self.session.get_inputs()}
         missing = [n for n in self.input_names if n not in onnx_inputs]
         if missing:
@@ -135,6 +169,7 @@ class TritonPythonModel:
                         for name in self.input_names
                     }
                 outputs = self.session.run(self.output_names, feed)
+                self._remember(feed)
                 cuts = split_points([batches[g] for g in group])
                 pieces = [np.split(out, cuts, axis=0) for out in outputs]
                 for position, request_index in enumerate(members):
@@ -146,7 +181,27 @@ class TritonPythonModel:
             except Exception as exc:
                 for request_index in members:
                     responses[request_index] = self._error(f"{type(exc).__name__}: {exc}")
+        self._release_memory()
         return responses
+
+    def _remember(self, feed: dict[str, np.ndarray]) -> None:
+        row = one_row(feed)
+        if self.small_feed is None or feed_bytes(row) < feed_bytes(self.small_feed):
+            self.small_feed = row
+
+    def _release_memory(self) -> None:
+        """Shrink the arena when the last calls left it holding more than the bound."""
+        if self.small_feed is None or resident_kib() - self.loaded_kib <= self.keep_kib:
+            return
+        # a failed shrink costs memory, never an answer
+        with contextlib.suppress(Exception):
+            self.session.run(self.output_names, self.small_feed, self.shrink_options)
+            self.shrinks += 1
+        held = resident_kib()
+        if held - self.loaded_kib > self.keep_kib:
+            # what is still held is not the arena's to give back: measure growth from here on,
+            # rather than paying a shrink after every call
+            self.loaded_kib = held
 
     def finalize(self) -> None:
         self.session = None
