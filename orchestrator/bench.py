@@ -82,6 +82,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write results as JSON here")
     p.add_argument("--warmup", type=int, default=8, help="unmeasured requests per mode")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p.add_argument(
+        "--triton-servers",
+        default="1",
+        help="comma-separated numbers of tritonservers to run side by side (e.g. 1,2,3): the "
+        "orchestrator spreads its calls over them (ratios use the smallest number)",
+    )
 
 
 @dataclasses.dataclass
@@ -109,6 +115,8 @@ class RunResult:
     orch_ms_per_call: float
     #: of which inside the gRPC calls but not Triton compute/queue (gRPC, Python-backend IPC)
     transport_ms_per_call: float
+    #: tritonservers the calls were spread over
+    servers: int = 1
 
 
 # -- workloads -------------------------------------------------------------------------------
@@ -174,24 +182,29 @@ def bls_call(r: GenerationRequest) -> StageCall:
 # -- Triton statistics -----------------------------------------------------------------------
 
 
-def read_stats(http_url: str) -> Stats:
-    """Per model: inference/execution counts, request count, compute and queue time (ns)."""
-    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=10) as resp:
-        body = json.loads(resp.read())
+def read_stats(http_urls: Sequence[str]) -> Stats:
+    """Per model, summed over the servers: inference/execution counts, request count, compute
+    and queue time (ns)."""
     out: Stats = {}
-    for m in body.get("model_stats", []):
-        s = m.get("inference_stats", {})
+    for http_url in http_urls:
+        with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=10) as resp:
+            body = json.loads(resp.read())
+        for m in body.get("model_stats", []):
+            s = m.get("inference_stats", {})
 
-        def ns(key: str, s: dict[str, Any] = s) -> int:
-            return int(s.get(key, {}).get("ns", 0))
+            def ns(key: str, s: dict[str, Any] = s) -> int:
+                return int(s.get(key, {}).get("ns", 0))
 
-        out[m["name"]] = {
-            "inference_count": int(m.get("inference_count", 0)),
-            "execution_count": int(m.get("execution_count", 0)),
-            "requests": int(s.get("success", {}).get("count", 0)),
-            "compute_ns": ns("compute_input") + ns("compute_infer") + ns("compute_output"),
-            "queue_ns": ns("queue"),
-        }
+            values = {
+                "inference_count": int(m.get("inference_count", 0)),
+                "execution_count": int(m.get("execution_count", 0)),
+                "requests": int(s.get("success", {}).get("count", 0)),
+                "compute_ns": ns("compute_input") + ns("compute_infer") + ns("compute_output"),
+                "queue_ns": ns("queue"),
+            }
+            into = out.setdefault(m["name"], {})
+            for key, value in values.items():
+                into[key] = into.get(key, 0) + value
     return out
 
 
@@ -327,24 +340,20 @@ async def closed_loop(
 
 
 def _max_rows(info: ModelInfo) -> dict[str, int]:
-    return {
-        UNET: info.unet_max_batch_size or 64,
-        ENCODE_PROMPT: 64,
-        VAE_ENCODER: 64,
-        VAE_DECODER: 64,
-    }
+    return {m: info.max_rows(m) or 64 for m in (UNET, ENCODE_PROMPT, VAE_ENCODER, VAE_DECODER)}
 
 
 @contextlib.asynccontextmanager
 async def direct_sender(
     mode: str, triton_url: str, timeout: float, timer: RpcTimer
 ) -> AsyncIterator[Send]:
-    """run_job against TritonClient (naive) or a StepBatcher (step), or gRPC calls to BLS."""
-    from orchestrator.adapters.triton import TritonClient
+    """run_job against the Triton endpoints (naive) or a StepBatcher (step), or gRPC calls to
+    BLS; `triton_url` may list several endpoints (one pool spreads the calls)."""
+    from orchestrator.adapters.triton_pool import TritonPool
     from orchestrator.batcher import StepBatcher
     from orchestrator.executor import run_job
 
-    async with TritonClient(triton_url, timeout_s=timeout) as triton:
+    async with TritonPool(triton_url, timeout_s=timeout) as triton:
         info = await triton.model_info()
         client = _TimedRunner(triton, timer)
         if mode == "bls":
@@ -446,11 +455,11 @@ async def bench_preset(
     args: argparse.Namespace,
     bootstrap: str | None,
     triton_url: str,
-    http_url: str,
+    http_urls: Sequence[str],
 ) -> list[RunResult]:
-    from orchestrator.adapters.triton import TritonClient
+    from orchestrator.adapters.triton_pool import TritonPool
 
-    async with TritonClient(triton_url) as client:
+    async with TritonPool(triton_url) as client:
         info = await client.model_info()
     concurrency = [int(c) for c in str(args.concurrency).split(",") if c.strip()]
     modes = [m.strip() for m in str(args.modes).split(",") if m.strip()]
@@ -475,10 +484,10 @@ async def bench_preset(
                 for c in concurrency:
                     requests = make_requests(workload, args.requests, args.steps, offset)
                     offset += len(requests)
-                    before = read_stats(http_url)
+                    before = read_stats(http_urls)
                     rpc_before = timer.busy_s
                     latencies, failed, wall = await closed_loop(requests, c, send)
-                    delta = stats_delta(before, read_stats(http_url))
+                    delta = stats_delta(before, read_stats(http_urls))
                     result = summarize(
                         preset=preset,
                         path=path,
@@ -492,6 +501,7 @@ async def bench_preset(
                         delta=delta,
                         rpc_s=timer.busy_s - rpc_before,
                     )
+                    result.servers = len(http_urls)
                     print("  " + format_row(result), flush=True)
                     results.append(result)
     return results
@@ -501,6 +511,7 @@ async def bench_preset(
 
 COLUMNS = (
     ("preset", 6, "{}"),
+    ("srv", 3, "{}"),
     ("path", 6, "{}"),
     ("mode", 5, "{}"),
     ("workload", 8, "{}"),
@@ -524,6 +535,7 @@ COLUMNS = (
 def _cells(r: RunResult) -> list[object]:
     return [
         r.preset,
+        r.servers,
         r.path,
         r.mode,
         r.workload,
@@ -574,6 +586,8 @@ class Ratio:
 
 def ratios(results: Sequence[RunResult]) -> list[Ratio]:
     out: list[Ratio] = []
+    fewest = min((r.servers for r in results), default=1)
+    results = [r for r in results if r.servers == fewest]
     presets = list(dict.fromkeys(r.preset for r in results))
     for p in presets:
         cs = sorted({r.concurrency for r in results if r.preset == p})
@@ -681,18 +695,31 @@ async def _bench(args: argparse.Namespace) -> list[RunResult]:
             broker = TansuBroker(0, log_path=out_dir / "tansu.log")
             broker.start()
             broker.wait_ready(30)
+        counts = [int(n) for n in str(args.triton_servers).split(",") if n.strip()]
         for preset in presets:
-            print(f"preset {preset}: starting tritonserver on {repos[preset]}", flush=True)
-            server = TritonServer(repos[preset], work_dir=out_dir / preset / "server")
-            with server:
-                print(format_header(), flush=True)
-                results += await bench_preset(
-                    preset,
-                    args,
-                    broker.bootstrap_servers if broker is not None else None,
-                    server.grpc_url,
-                    server.http_url,
+            for count in counts:
+                print(
+                    f"preset {preset}: starting {count} tritonserver(s) on {repos[preset]}",
+                    flush=True,
                 )
+                with contextlib.ExitStack() as stack:
+                    servers = [
+                        TritonServer(repos[preset], work_dir=out_dir / preset / f"server-{i}")
+                        for i in range(count)
+                    ]
+                    for server in servers:
+                        server.start()
+                        stack.callback(server.stop)
+                    for server in servers:
+                        server.wait_ready()
+                    print(format_header(), flush=True)
+                    results += await bench_preset(
+                        preset,
+                        args,
+                        broker.bootstrap_servers if broker is not None else None,
+                        ",".join(s.grpc_url for s in servers),
+                        [s.http_url for s in servers],
+                    )
     finally:
         if broker is not None:
             broker.stop()

@@ -9,10 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, FilePath, SecretStr
+from pydantic import Field, FilePath, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from orchestrator.core.envelope import EnvelopeLimits, ReplyTopicRule
+from orchestrator.core.routing import parse_endpoints
 from orchestrator.core.validation import Limits
 from orchestrator.executor import RetryPolicy
 
@@ -29,7 +30,15 @@ class Settings(BaseSettings):
     )
 
     # --- Triton -----------------------------------------------------------------------------
-    triton_url: str = Field("127.0.0.1:8001", description="Triton gRPC endpoint host:port")
+    triton_url: str = Field(
+        "127.0.0.1:8001",
+        description="Triton gRPC endpoints: comma-separated host:port; each host name is "
+        "resolved again every triton_resolve_interval_s and every address it yields is an "
+        "endpoint (a Kubernetes headless Service gives one per Triton pod)",
+    )
+    triton_resolve_interval_s: float = Field(
+        10.0, gt=0, le=3600, description="how often Triton host names are resolved again"
+    )
     triton_ssl: bool = Field(False, description="use TLS for the Triton gRPC channel")
     triton_timeout_s: float = Field(60.0, gt=0, le=3600, description="deadline of one Triton call")
 
@@ -179,6 +188,12 @@ class Settings(BaseSettings):
     tracing: bool = Field(True, description="OpenTelemetry spans (export via OTEL_* variables)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    @field_validator("triton_url")
+    @classmethod
+    def _endpoints(cls, value: str) -> str:
+        parse_endpoints(value)  # raises ValueError naming the bad item
+        return value
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(

@@ -42,7 +42,8 @@ from orchestrator.adapters.kafka import (
 )
 from orchestrator.adapters.metrics import Metrics
 from orchestrator.adapters.tracing import extract, get_tracer, producer_span
-from orchestrator.adapters.triton import TritonClient, grpc_code
+from orchestrator.adapters.triton import grpc_code
+from orchestrator.adapters.triton_pool import TritonPool
 from orchestrator.batcher import BatchRecord, StepBatcher
 from orchestrator.breaker import CircuitBreaker
 from orchestrator.config import Settings
@@ -142,12 +143,15 @@ class Service:
         self.metrics = metrics or Metrics()
         self.on_ready = on_ready
         self.tracer = get_tracer(tracer_provider) if settings.tracing else trace.NoOpTracer()
-        self.triton = TritonClient(
+        self.triton = TritonPool(
             settings.triton_url,
             timeout_s=settings.triton_timeout_s,
             ssl=settings.triton_ssl,
             on_error=self._on_triton_error,
             propagate_trace=settings.tracing,
+            failure_threshold=settings.breaker_failure_threshold,
+            probe_interval_s=settings.breaker_probe_interval_s,
+            resolve_interval_s=settings.triton_resolve_interval_s,
         )
         self.breaker = CircuitBreaker(
             self.triton.is_ready,
@@ -219,12 +223,13 @@ class Service:
         try:
             await self.codec.prepare()
             self.info = await self._wait_for_models()
+            self.triton.start()
             if self.settings.batching == "step":
+                # each stage's rows per call, as its Triton config declares (the smallest over
+                # the endpoints); a repository without max_batch_size gets 64
                 max_rows = {
-                    UNET: self.info.unet_max_batch_size or 64,
-                    ENCODE_PROMPT: 64,
-                    VAE_ENCODER: 64,
-                    VAE_DECODER: 64,
+                    model: self.info.max_rows(model) or 64
+                    for model in (UNET, ENCODE_PROMPT, VAE_ENCODER, VAE_DECODER)
                 }
                 self.batcher = StepBatcher(
                     self.triton,
