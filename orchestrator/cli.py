@@ -9,8 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from orchestrator.config import Settings
+from orchestrator.core.schedulers import ALIASES
 from orchestrator.domain import GenerationRequest
 from orchestrator.errors import OrchestratorError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 def _add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -34,8 +37,7 @@ def add_request_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--scheduler",
         default="pndm",
-        help="alias (ddim, euler, euler_a, dpmpp_2m, "
-        "dpmpp_2m_karras, pndm, heun, lms, unipc) or a diffusers class name",
+        help=f"alias ({', '.join(ALIASES)}) or a diffusers scheduler class name",
     )
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--width", type=int, default=None, help="default: the model's size")
@@ -87,6 +89,9 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     dev.add_argument("--grpc-port", type=int, default=8001)
     dev.add_argument("--http-port", type=int, default=8000)
     dev.add_argument("--metrics-port", type=int, default=8002)
+    dev.add_argument(
+        "--service-http-port", type=int, default=None, help="default: the http_port setting"
+    )
     dev.add_argument("--partitions", type=int, default=4)
     dev.add_argument("--env-file", default=None, help="settings file (ORCHESTRATOR_* lines)")
 
@@ -109,7 +114,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
-    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=None,
+        help="overrides the log_level setting (ORCHESTRATOR_LOG_LEVEL; default INFO)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_models(sub)
     _add_generate(sub)
@@ -120,27 +131,45 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace, **overrides: object) -> Settings:
+class SettingsError(Exception):
+    """The settings cannot be loaded; the message says which field or file."""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """The settings of every command: ORCHESTRATOR_* variables, the command's `--env-file`,
+    then its flags (`--bootstrap-servers`). Raises SettingsError naming what is wrong."""
+    from pydantic import ValidationError
+
     from orchestrator.config import load_settings
 
-    return load_settings(getattr(args, "env_file", None), **overrides)
+    env_file = getattr(args, "env_file", None)
+    if env_file is not None and not Path(env_file).is_file():
+        raise SettingsError(f"--env-file {env_file}: no such file")
+    overrides: dict[str, object] = {}
+    if getattr(args, "bootstrap_servers", None):
+        overrides["bootstrap_servers"] = args.bootstrap_servers
+    try:
+        return load_settings(env_file, **overrides)
+    except ValidationError as exc:
+        source = f" (from the environment and {env_file})" if env_file else ""
+        raise SettingsError(f"invalid settings{source}: {exc}") from exc
 
 
-async def _submit(args: argparse.Namespace) -> int:
+async def _submit(args: argparse.Namespace, settings: Settings) -> int:
     import time
 
+    from orchestrator.adapters.avro import make_codec
     from orchestrator.client import Client
     from orchestrator.imagefile import output_paths
     from orchestrator.service import kafka_settings
 
-    overrides = {"bootstrap_servers": args.bootstrap_servers} if args.bootstrap_servers else {}
-    settings = _settings(args, **overrides)
     request = request_from_args(args, request_id=args.request_id)
     async with Client(
         kafka_settings(settings),
         request_topic=settings.request_topic,
         response_topic=settings.response_topic,
         dlq_topic=settings.dlq_topic,
+        codec=make_codec(settings),  # the service's schema ids: local or its registry's
     ) as client:
         rid = await client.send(request)
         start = time.monotonic()
@@ -192,16 +221,16 @@ async def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import os
-
-    from orchestrator.logs import setup_logging
+    from orchestrator.logs import configure_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(
-        args.log_level or os.environ.get("ORCHESTRATOR_LOG_LEVEL", "INFO"),
-        os.environ.get("ORCHESTRATOR_LOG_FORMAT", "text"),
-    )
+    try:
+        settings = _settings(args)
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings, args.log_level)
     if args.command == "models":
         from orchestrator.models.build import run_build
 
@@ -216,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from orchestrator.service import serve
 
-        asyncio.run(serve(_settings(args)))
+        asyncio.run(serve(settings))
         return 0
     if args.command == "dev":
         from orchestrator.dev import DevStack, run_dev
@@ -230,10 +259,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             http_port=args.http_port,
             metrics_port=args.metrics_port,
             partitions=args.partitions,
+            service_http_port=args.service_http_port,
         )
-        return asyncio.run(run_dev(stack, _settings(args)))
+        return asyncio.run(run_dev(stack, settings))
     if args.command == "submit":
-        return asyncio.run(_submit(args))
+        return asyncio.run(_submit(args, settings))
     if args.command == "generate":
         try:
             return asyncio.run(_generate(args))

@@ -1,4 +1,8 @@
-"""`make demo`: start the embedded stack, generate one image through Kafka, print its path, stop."""
+"""`make demo`: start the embedded stack, generate one image through Kafka, print its path, stop.
+
+`orchestrator dev` runs as a child that dies with this process (and its servers with it), so an
+interrupted or killed demo leaves nothing holding the stack's ports.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +14,26 @@ import threading
 import time
 from pathlib import Path
 
+from orchestrator.adapters.child_process import spawn, stop_process_group
+
 PROMPT = "a lighthouse on a cliff at sunset, oil painting"
 
 
 def main() -> int:
     out = Path(os.environ.get("DEMO_OUT", "out/demo.png")).resolve()
     started = time.monotonic()
-    dev = subprocess.Popen(
+    dev = spawn(
         [sys.executable, "-m", "orchestrator", "--log-level", "WARNING", "dev"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
     )
     ready = threading.Event()
     lines: list[str] = []
 
     def pump() -> None:
         assert dev.stdout is not None
-        for line in dev.stdout:
+        for raw in dev.stdout:
+            line = raw.decode("utf-8", "replace")
             lines.append(line)
             print(f"  [dev] {line}", end="", flush=True)
             if line.startswith("ready"):
@@ -68,13 +73,8 @@ def main() -> int:
         print(f"\nimage written to {out} ({time.monotonic() - started:.1f} s in all)")
         return 0
     finally:
-        if dev.poll() is None:
-            os.killpg(dev.pid, signal.SIGINT)
-            try:
-                dev.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(dev.pid, signal.SIGKILL)
-                dev.wait()
+        # SIGINT: `dev` stops the service and its servers in order; SIGKILL after a minute
+        stop_process_group(dev, timeout=60, sig=signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """`orchestrator dev`: the embedded default stack in one foreground process.
 
-Starts Tansu (Kafka-compatible) and tritonserver as child processes, builds the tiny models if
-they are missing, creates the topics, runs the service, prints a line with `ready`, and shuts
-everything down on Ctrl-C / SIGTERM. If a component dies, it says which, with its log tail.
+Checks that its ports are free (naming what holds one and the flag that changes it), starts
+Tansu (Kafka-compatible) and tritonserver as child processes, builds the tiny models if they are
+missing, creates the topics, runs the service, and prints a line with `ready` once its own
+servers answer. Ctrl-C, SIGTERM or SIGHUP (a closed terminal) stop everything; the children also
+die if this process is killed outright (a parent-death signal, see adapters.child_process). If a
+component dies, it says which, with its log tail.
 """
 
 from __future__ import annotations
@@ -12,20 +15,39 @@ import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
+from orchestrator.adapters.child_process import (
+    PortClaim,
+    PortsUnavailable,
+    check_ports,
+    foreign_listeners,
+)
 from orchestrator.adapters.kafka_broker import TansuBroker, create_topics
 from orchestrator.adapters.triton_server import TritonServer
 from orchestrator.config import Settings
-from orchestrator.service import Service
+
+if TYPE_CHECKING:
+    from orchestrator.service import Service
 
 log = logging.getLogger("orchestrator.dev")
+
+T = TypeVar("T")
+
+#: signals that stop the stack in order (SIGHUP: the terminal was closed)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class ComponentFailed(RuntimeError):
     def __init__(self, component: str, detail: str) -> None:
         super().__init__(f"{component} failed: {detail}")
         self.component = component
+
+
+class Stopped(Exception):
+    """A stop signal arrived while the stack was starting."""
 
 
 def ensure_models(models_dir: Path, preset: str) -> Path:
@@ -49,6 +71,7 @@ class DevStack:
         http_port: int = 8000,
         metrics_port: int = 8002,
         partitions: int = 4,
+        service_http_port: int | None = None,
     ) -> None:
         self.models_dir = models_dir
         self.preset = preset
@@ -58,15 +81,47 @@ class DevStack:
         self.broker = TansuBroker(kafka_port, log_path=work_dir / "tansu.log")
         self.triton: TritonServer | None = None
         self.ports = (grpc_port, http_port, metrics_port)
+        #: the service's metrics/health port; None: the `http_port` setting
+        self.service_http_port = service_http_port
 
-    def start(self) -> None:
+    def service_settings(self, settings: Settings) -> Settings:
+        """`settings` with this stack's service port (the broker and Triton come once started)."""
+        if self.service_http_port is None:
+            return settings
+        return settings.model_copy(update={"http_port": self.service_http_port})
+
+    def port_claims(self, settings: Settings) -> list[PortClaim]:
+        grpc_port, http_port, metrics_port = self.ports
+        return [
+            PortClaim(self.kafka_port, "Kafka (tansu)", "--kafka-port", self.broker.host),
+            PortClaim(grpc_port, "Triton gRPC", "--grpc-port", "0.0.0.0"),
+            PortClaim(http_port, "Triton HTTP", "--http-port", "0.0.0.0"),
+            PortClaim(metrics_port, "Triton metrics", "--metrics-port", "0.0.0.0"),
+            PortClaim(
+                settings.http_port,
+                "the service's metrics and health endpoint",
+                "--service-http-port (or the http_port setting, ORCHESTRATOR_HTTP_PORT)",
+                settings.http_host,
+            ),
+        ]
+
+    def check_ports(self, settings: Settings) -> None:
+        """Raise PortsUnavailable naming each port that is taken, its holder and its flag."""
+        check_ports(self.port_claims(settings))
+
+    async def start(self) -> None:
+        """Start the broker, build the models if needed, start Triton; wait until each is ready.
+
+        The children are spawned from the event loop's (main) thread, whose exit is what their
+        parent-death signal watches; only the waiting and the model build run in threads.
+        """
         self.work_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.broker.start()
-            self.broker.wait_ready(30)
+            await asyncio.to_thread(self.broker.wait_ready, 30)
         except Exception as exc:
             raise ComponentFailed("kafka (tansu)", f"{exc}") from exc
-        repo = ensure_models(self.models_dir, self.preset)
+        repo = await asyncio.to_thread(ensure_models, self.models_dir, self.preset)
         grpc_port, http_port, metrics_port = self.ports
         self.triton = TritonServer(
             repo,
@@ -77,7 +132,7 @@ class DevStack:
         )
         try:
             self.triton.start()
-            self.triton.wait_ready(180)
+            await asyncio.to_thread(self.triton.wait_ready, 180)
         except Exception as exc:
             raise ComponentFailed("tritonserver", f"{exc}") from exc
 
@@ -92,9 +147,23 @@ class DevStack:
         """Raise ComponentFailed if a child process has died."""
         if not self.broker.is_running():
             raise ComponentFailed("kafka (tansu)", "exited\n" + self.broker.log_tail())
-        proc = self.triton._process if self.triton is not None else None
-        if self.triton is not None and proc is not None and proc.poll() is not None:
+        if self.triton is not None and not self.triton.is_running():
             raise ComponentFailed("tritonserver", "exited\n" + self.triton.log_tail())
+
+    def check_own(self) -> None:
+        """Raise ComponentFailed unless both children run and hold their own ports."""
+        self.check()
+        broker_pid = self.broker.pid
+        assert broker_pid is not None
+        others = foreign_listeners(broker_pid, self.broker.port)
+        if others is not None:
+            holders = ", ".join(h.describe() for h in others) or "nobody"
+            raise ComponentFailed("kafka (tansu)", f"port {self.broker.port} is held by {holders}")
+        if self.triton is None:
+            raise ComponentFailed("tritonserver", "not started")
+        problem = self.triton.ownership_problem()
+        if problem is not None:
+            raise ComponentFailed("tritonserver", problem[0])
 
     def stop(self) -> None:
         if self.triton is not None:
@@ -102,54 +171,103 @@ class DevStack:
         self.broker.stop(keep_log=True)
 
 
+async def _unless_stopped(work: Awaitable[T], stopping: asyncio.Event) -> T:
+    """The result of `work`, or Stopped (with `work` cancelled) if `stopping` is set first."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.create_task(stopping.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        raise Stopped
+    return task.result()
+
+
 async def run_dev(stack: DevStack, settings: Settings) -> int:
     """Run the stack and the service until a signal; returns the exit code."""
-    loop = asyncio.get_running_loop()
+    settings = stack.service_settings(settings)
     try:
-        await asyncio.to_thread(stack.start)
-        await stack.create_topics(settings)
-    except ComponentFailed as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        stack.stop()
+        stack.check_ports(settings)
+    except PortsUnavailable as exc:
+        print(f"error: cannot start the stack:\n{exc}", file=sys.stderr, flush=True)
         return 1
-    assert stack.triton is not None
-    settings = settings.model_copy(
-        update={
-            "bootstrap_servers": stack.broker.bootstrap_servers,
-            "triton_url": stack.triton.grpc_url,
-        }
-    )
+    from orchestrator.service import Service
 
-    def ready() -> None:
-        print(
-            f"ready: kafka {settings.bootstrap_servers}, triton grpc {settings.triton_url}, "
-            f"requests on {settings.request_topic}, answers on {settings.response_topic} "
-            f"(failures on {settings.dlq_topic}); Ctrl-C stops",
-            flush=True,
-        )
-
-    service = Service(settings, on_ready=ready)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, service.stop)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    running: list[Service] = []
     failure: list[ComponentFailed] = []
 
-    async def watch() -> None:
-        while True:
-            await asyncio.sleep(1.0)
+    def request_stop() -> None:
+        stopping.set()
+        for service in running:
+            service.stop()
+
+    for sig in STOP_SIGNALS:
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, request_stop)
+    watcher: asyncio.Task[None] | None = None
+    try:
+        try:
+            await _unless_stopped(stack.start(), stopping)
+            await _unless_stopped(stack.create_topics(settings), stopping)
+        except Stopped:
+            print("stopped before the stack was ready", flush=True)
+            return 0
+        except ComponentFailed as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
+        assert stack.triton is not None
+        settings = settings.model_copy(
+            update={
+                "bootstrap_servers": stack.broker.bootstrap_servers,
+                "triton_url": stack.triton.grpc_url,
+            }
+        )
+
+        def ready() -> None:
+            # the service reached Kafka and Triton on these ports: ready only if they are ours
             try:
-                stack.check()
+                stack.check_own()
             except ComponentFailed as exc:
                 failure.append(exc)
-                service.stop()
+                request_stop()
                 return
+            print(
+                f"ready: kafka {settings.bootstrap_servers}, triton grpc {settings.triton_url}, "
+                f"requests on {settings.request_topic}, answers on {settings.response_topic} "
+                f"(failures on {settings.dlq_topic}); Ctrl-C stops",
+                flush=True,
+            )
 
-    watcher = asyncio.create_task(watch())
-    try:
+        service = Service(settings, on_ready=ready)
+        running.append(service)
+        if stopping.is_set():
+            service.stop()
+
+        async def watch() -> None:
+            while True:
+                await asyncio.sleep(1.0)
+                try:
+                    stack.check()
+                except ComponentFailed as exc:
+                    failure.append(exc)
+                    service.stop()
+                    return
+
+        watcher = asyncio.create_task(watch())
         await service.run()
     finally:
-        watcher.cancel()
+        if watcher is not None:
+            watcher.cancel()
         stack.stop()
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(sig)
     if failure:
         print(f"error: {failure[0]}", file=sys.stderr, flush=True)
         return 1

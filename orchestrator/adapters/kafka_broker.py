@@ -2,6 +2,8 @@
 
 Tansu keeps data in memory (a restart loses everything), does not auto-create topics, has no
 idempotent producer and does not enforce ``max.message.bytes``; see :func:`create_topics`.
+The broker runs in its own process group with a parent-death signal (see child_process), so it
+does not outlive the process that started it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.adapters.triton_server import free_port
+from orchestrator.adapters.child_process import (
+    foreign_listeners,
+    free_port,
+    port_problem,
+    spawn,
+    stop_process_group,
+)
 
 if TYPE_CHECKING:
     from orchestrator.adapters.kafka import KafkaSettings
@@ -132,16 +140,18 @@ class TansuBroker:
         if self._process is not None:
             raise RuntimeError("broker already started")
         self.port = self._requested_port or free_port(self.host)
+        problem = port_problem(self.host, self.port)
+        if problem is not None:
+            raise BrokerStartError(f"tansu cannot listen on {self.bootstrap_servers}: {problem}")
         if self._own_log and not self.log_path.exists():
             self.log_path.touch()
         with self.log_path.open("ab") as log:
             try:
-                self._process = subprocess.Popen(
+                self._process = spawn(
                     self.command(),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
-                    start_new_session=True,
                 )
             except OSError as exc:
                 raise BrokerStartError(f"cannot run {self.binary()}: {exc}") from exc
@@ -150,12 +160,15 @@ class TansuBroker:
         return self._process is not None and self._process.poll() is None
 
     def wait_ready(self, timeout: float = 30.0) -> None:
-        """Until the broker answers an ApiVersions request; BrokerStartError with the log tail."""
-        if self._process is None:
+        """Until this broker process answers an ApiVersions request on its port;
+        BrokerStartError with the log tail if it dies, another process holds the port, or time
+        runs out."""
+        process = self._process
+        if process is None:
             raise RuntimeError("broker not started")
         deadline = time.monotonic() + timeout
         while True:
-            code = self._process.poll()
+            code = process.poll()
             if code is not None:
                 raise BrokerStartError(
                     f"tansu exited with code {code} before it was ready "
@@ -163,7 +176,17 @@ class TansuBroker:
                     + self.log_tail()
                 )
             if _api_versions_probe(self.host, self.port, timeout_s=1.0):
-                return
+                # the answer may come from another broker on this port (one left running by a
+                # killed parent, while ours fails with "Address in use"): it must be ours
+                others = foreign_listeners(process.pid, self.port)
+                if others is None and process.poll() is None:
+                    return
+                if others:
+                    holders = ", ".join(h.describe() for h in others)
+                    raise BrokerStartError(
+                        f"port {self.port} is held by {holders}, not by this tansu "
+                        f"(pid {process.pid}); log {self.log_path}:\n" + self.log_tail()
+                    )
             if time.monotonic() > deadline:
                 raise BrokerStartError(
                     f"tansu did not answer on {self.bootstrap_servers} within {timeout}s; "
@@ -172,23 +195,19 @@ class TansuBroker:
             time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0, *, keep_log: bool = False) -> None:
-        """Terminate the broker (kill after ``timeout``); removes a log file it created."""
+        """Terminate the broker (kill its process group after ``timeout``); removes a log file
+        it created."""
         process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=timeout)
+        if process is not None:
+            stop_process_group(process, timeout)
         if self._own_log and not keep_log:
             self.log_path.unlink(missing_ok=True)
 
     def __enter__(self) -> TansuBroker:
         attempts = 1 if self._requested_port else 3
         for attempt in range(attempts):
-            self.start()
             try:
+                self.start()
                 self.wait_ready()
                 return self
             except BrokerStartError:

@@ -4,16 +4,16 @@ The wheel ships tritonserver with the Python backend and one backend stub per Py
 the server needs a backend directory holding the backend and the stub that matches this
 interpreter, the wheel's bundled libraries on LD_LIBRARY_PATH, and this environment's bin dir
 first on PATH (so Python-backend models run with this venv's packages).
+
+The server runs in its own process group with a parent-death signal, and a guard kills that
+group (the Python-backend stubs) if this process dies (see child_process); stop() kills the group.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,6 +26,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from orchestrator.adapters.child_process import (
+    GroupGuard,
+    foreign_listeners,
+    port_problem,
+    spawn,
+    stop_process_group,
+)
+from orchestrator.adapters.child_process import free_port as free_port
+
 #: environment variable read by the ONNX Runtime stage models (threads per session)
 ORT_THREADS_ENV = "ORCH_ORT_INTRA_OP_THREADS"
 LOG_TAIL_LINES = 60
@@ -33,13 +42,6 @@ LOG_TAIL_LINES = 60
 
 class TritonServerError(RuntimeError):
     """tritonserver could not be found, did not start, or died; the message holds its log tail."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now (the child process binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def pytriton_server_dir() -> Path:
@@ -130,6 +132,7 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.log_path = self.work_dir / "tritonserver.log"
         self._process: subprocess.Popen[bytes] | None = None
+        self._guard: GroupGuard | None = None
         self._log_file: IO[bytes] | None = None
 
     @property
@@ -190,18 +193,51 @@ class TritonServer:
         if not self.repository.is_dir():
             raise TritonServerError(f"model repository {self.repository} does not exist")
         server_dir = pytriton_server_dir()
+        taken = [
+            f"{name} port {port} {problem}"
+            for name, port in self._ports()
+            if (problem := port_problem("0.0.0.0", port)) is not None
+        ]
+        if taken:
+            raise TritonServerError("tritonserver cannot start: " + "; ".join(taken))
         self.work_dir.mkdir(parents=True, exist_ok=True)
         backends = prepare_backends(self.work_dir, server_dir)
         self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self._process = subprocess.Popen(
-            self.command(backends, server_dir),
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=self.environment(server_dir),
-            cwd=self.work_dir,
-            start_new_session=True,
-        )
+        try:
+            self._process = spawn(
+                self.command(backends, server_dir),
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.environment(server_dir),
+                cwd=self.work_dir,
+            )
+        except OSError as exc:
+            self._close_log()
+            raise TritonServerError(f"cannot run tritonserver: {exc}") from exc
+        self._guard = GroupGuard(self._process.pid)
+
+    def _ports(self) -> list[tuple[str, int]]:
+        return [("gRPC", self.grpc_port), ("HTTP", self.http_port), ("metrics", self.metrics_port)]
+
+    def is_running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def ownership_problem(self) -> tuple[str, bool] | None:
+        """None when this server's own process listens on all its ports; else what is wrong and
+        whether another process holds one of them."""
+        process = self._process
+        if process is None:
+            return "tritonserver is not running", False
+        for name, port in self._ports():
+            others = foreign_listeners(process.pid, port)
+            if others is None:
+                continue
+            if others:
+                holders = ", ".join(h.describe() for h in others)
+                return f"the {name} port {port} is held by {holders}, not this tritonserver", True
+            return f"this tritonserver does not listen on its {name} port {port} yet", False
+        return None
 
     def is_ready(self) -> bool:
         url = f"http://{self.http_url}/v2/health/ready"
@@ -213,19 +249,29 @@ class TritonServer:
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Poll /v2/health/ready; raise TritonServerError with the log tail on death or timeout."""
-        if self._process is None:
+        process = self._process
+        if process is None:
             raise TritonServerError("tritonserver was not started")
         deadline = time.monotonic() + (self.startup_timeout if timeout is None else timeout)
         while True:
-            code = self._process.poll()
+            code = process.poll()
             if code is not None:
-                self._close_log()
+                if process is self._process:
+                    self._close_log()
                 raise TritonServerError(
                     f"tritonserver exited with code {code} before it was ready; log "
                     f"{self.log_path}:\n{tail(self.log_path)}"
                 )
             if self.is_ready():
-                return
+                # an answer may come from another server on our ports (one left running by a
+                # killed parent): ready only when our own process holds all three
+                problem = self.ownership_problem()
+                if problem is None and process.poll() is None:
+                    return
+                if problem is not None and problem[1]:
+                    message = f"{problem[0]}; log {self.log_path}:\n{tail(self.log_path)}"
+                    self.stop()
+                    raise TritonServerError(message)
             if time.monotonic() > deadline:
                 message = (
                     f"tritonserver not ready after {timeout or self.startup_timeout:.0f} s; "
@@ -243,19 +289,11 @@ class TritonServer:
         process = self._process
         if process is None:
             return None
-        code = process.poll()
-        if code is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            try:
-                code = process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                code = process.wait(timeout=timeout)
-        # Python-backend stubs live in the server's session; make sure none outlives it
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGKILL)
+        if self._guard is not None:
+            self._guard.release()
+            self._guard = None
+        # Python-backend stubs live in the server's process group: none outlives it
+        code = stop_process_group(process, timeout)
         self._process = None
         self._close_log()
         return code

@@ -1,0 +1,192 @@
+"""Children that die with their parent, and ports named with their holders (no servers)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+from orchestrator.adapters.child_process import (
+    GroupGuard,
+    PortClaim,
+    PortsUnavailable,
+    check_ports,
+    foreign_listeners,
+    free_port,
+    port_problem,
+    spawn,
+    stop_process_group,
+)
+
+# A parent that spawns `sleep` through spawn() (from its main thread, or from a thread that has
+# ended by the time it prints the child's pid) and then waits to be killed.
+PARENT = textwrap.dedent(
+    """
+    import sys, threading, time
+    from orchestrator.adapters.child_process import spawn
+
+    children = []
+    if sys.argv[1] == "main":
+        children.append(spawn(["sleep", "300"]))
+    else:
+        worker = threading.Thread(target=lambda: children.append(spawn(["sleep", "300"])))
+        worker.start()
+        worker.join()
+    time.sleep(0.3)  # a parent-death signal tied to the ended thread would have fired by now
+    print(children[0].pid, flush=True)
+    time.sleep(300)
+    """
+)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_dead(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.mark.parametrize("thread", ["main", "worker"])
+def test_child_dies_when_its_parent_is_killed(thread: str) -> None:
+    parent = spawn([sys.executable, "-c", PARENT, thread], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        assert line.strip(), "the parent printed no child pid"
+        child = int(line)
+        assert alive(child), "the child died before its parent (signal tied to an ended thread)"
+        assert os.getpgid(child) == child, "the child is not in a process group of its own"
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        assert wait_dead(child), f"child {child} outlived its SIGKILLed parent"
+    finally:
+        stop_process_group(parent, timeout=1)
+
+
+def test_stop_process_group_kills_what_the_child_started() -> None:
+    shell = spawn(["sh", "-c", "sleep 300 & echo $!; wait"], stdout=subprocess.PIPE)
+    assert shell.stdout is not None
+    grandchild = int(shell.stdout.readline())
+    assert alive(grandchild)
+    code = stop_process_group(shell, timeout=2)
+    assert code != 0
+    assert shell.returncode is not None
+    assert wait_dead(grandchild, 2.0), "the child's own child survived stop_process_group"
+
+
+# A parent whose child starts a helper of its own (`sleep`, in the child's process group), then
+# waits to be killed; with "guard" a GroupGuard watches the child's group.
+GUARDED = textwrap.dedent(
+    """
+    import sys, time
+    from orchestrator.adapters.child_process import GroupGuard, spawn
+
+    child = spawn(["sh", "-c", "sleep 300 & echo $!; wait"], stdout=-1)
+    guard = GroupGuard(child.pid) if sys.argv[1] == "guard" else None
+    print(child.stdout.readline().decode().strip(), flush=True)
+    time.sleep(300)
+    """
+)
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_group_guard_kills_the_childs_helpers_when_the_parent_dies(guarded: bool) -> None:
+    parent = spawn(
+        [sys.executable, "-c", GUARDED, "guard" if guarded else "none"], stdout=subprocess.PIPE
+    )
+    try:
+        assert parent.stdout is not None
+        helper = int(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        if guarded:
+            assert wait_dead(helper), "the child's helper outlived the parent despite the guard"
+        else:
+            # what the guard is for: the parent-death signal reaches the child only
+            assert not wait_dead(helper, 1.0)
+            os.kill(helper, signal.SIGKILL)
+    finally:
+        stop_process_group(parent, timeout=1)
+
+
+def test_released_group_guard_kills_nothing() -> None:
+    child = spawn(["sleep", "300"])
+    guard = GroupGuard(child.pid)
+    guard_pid = guard.pid
+    assert guard_pid is not None and alive(guard_pid)
+    guard.release()
+    assert not alive(guard_pid)
+    time.sleep(0.2)
+    assert child.poll() is None, "a released guard killed the group"
+    stop_process_group(child, timeout=1)
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    yield sock
+    sock.close()
+
+
+def test_check_ports_names_holder_and_flag(listener: socket.socket) -> None:
+    held = int(listener.getsockname()[1])
+    free = free_port()
+    with pytest.raises(PortsUnavailable) as info:
+        check_ports(
+            [
+                PortClaim(held, "Kafka", "--kafka-port"),
+                PortClaim(free, "Triton gRPC", "--grpc-port"),
+                PortClaim(free, "Triton HTTP", "--http-port"),
+                PortClaim(0, "picked later", "--unused"),
+            ]
+        )
+    message = str(info.value)
+    assert f"port {held} for Kafka is held by pid {os.getpid()}" in message
+    assert "--kafka-port" in message
+    assert sys.executable in message or "python" in message  # the holder's command line
+    assert f"port {free} is given both to Triton gRPC (--grpc-port) and to Triton HTTP" in message
+    assert "--unused" not in message
+    check_ports([PortClaim(free, "Triton gRPC", "--grpc-port")])
+
+
+def test_port_problem_on_the_wildcard_address(listener: socket.socket) -> None:
+    held = int(listener.getsockname()[1])
+    problem = port_problem("0.0.0.0", held)
+    assert problem is not None and f"pid {os.getpid()}" in problem
+    assert port_problem("0.0.0.0", free_port()) is None
+
+
+def test_foreign_listeners_tells_ours_from_theirs(listener: socket.socket) -> None:
+    held = int(listener.getsockname()[1])
+    assert foreign_listeners(os.getpid(), held) is None
+    stranger = spawn(["sleep", "30"])
+    try:
+        others = foreign_listeners(stranger.pid, held)
+    finally:
+        stop_process_group(stranger, timeout=1)
+    assert others is not None and [h.pid for h in others] == [os.getpid()]
+    assert foreign_listeners(os.getpid(), free_port()) == []
+
+
+def test_spawn_refuses_to_be_told_how_to_start() -> None:
+    with pytest.raises(TypeError):
+        spawn(["true"], start_new_session=False)
