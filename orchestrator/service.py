@@ -206,16 +206,20 @@ class Service:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
-    async def _wait_for_models(self) -> ModelInfo:
+    async def _wait_for_models(self) -> ModelInfo | None:
+        """The models' facts, once Triton answers; None when told to stop meanwhile."""
         delay = 0.2
         while True:
             try:
                 return await self.triton.model_info()
             except OrchestratorError as exc:
-                if not exc.retriable or self._stopping.is_set():
+                if not exc.retriable:
                     raise
+                if self._stopping.is_set():
+                    return None
                 log.warning("waiting for Triton at %s: %s", self.settings.triton_url, exc)
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), delay)
                 delay = min(delay * 2, 5.0)
 
     async def run(self) -> None:
@@ -223,6 +227,9 @@ class Service:
         try:
             await self.codec.prepare()
             self.info = await self._wait_for_models()
+            if self.info is None:
+                log.info("stopped before Triton answered")
+                return
             self.triton.start()
             if self.settings.batching == "step":
                 # each stage's rows per call, as its Triton config declares (the smallest over

@@ -22,6 +22,7 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator.adapters.child_process import spawn
 from orchestrator.config import Settings
 from orchestrator.service import Service
 
@@ -117,7 +118,8 @@ class ServiceProcess:
         self.port = None
         with self.log_path.open("ab") as log:
             self._log_offset = log.tell()
-            self.process = subprocess.Popen(
+            # dies with this process even if pytest itself is killed
+            self.process = spawn(
                 [sys.executable, "-m", "orchestrator", "serve"],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
