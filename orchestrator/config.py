@@ -118,11 +118,39 @@ class Settings(BaseSettings):
         1024 * 1024, ge=0, description="PNGs up to this size travel inline, larger go to output_dir"
     )
     output_dir: Path = Field(Path("out/images"), description="shared volume for large images")
+    output_uri_base: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://\S+$",
+        description="URI prefix under which consumers reach output_dir (e.g. an HTTP server "
+        "or bucket serving it): stored images are answered as BASE/<aa>/<sha256>/<i>.png; "
+        "unset: file:// URIs of output_dir (consumers mount the same volume)",
+    )
 
     # --- Work -------------------------------------------------------------------------------
     max_in_flight: int = Field(32, ge=1, le=4096, description="jobs processed at once")
     batching: Literal["step", "naive"] = Field("step", description="UNet step batching mode")
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest wait to fill a batch")
+    prompt_cache_entries: int = Field(
+        1024,
+        ge=0,
+        le=1_000_000,
+        description="prompts whose text embeddings are kept (least recently used go first); "
+        "0 disables the prompt-embedding cache",
+    )
+    prompt_cache_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        le=64 * 1024**3,
+        description="bytes the prompt-embedding cache may hold (tensors, prompt and 512 bytes per "
+        "entry); 0 disables it",
+    )
+    prompt_cache_check_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="how often the text encoder's identity (its Triton configs and ready "
+        "versions) is read again; a change drops the cache",
+    )
 
     # --- Request limits ---------------------------------------------------------------------
     max_steps: int = Field(150, ge=1, le=1000)

@@ -59,6 +59,7 @@ from orchestrator.errors import (
 from orchestrator.executor import JobStats, StageRunner, run_job
 from orchestrator.imagefile import encode_png
 from orchestrator.logs import request_context
+from orchestrator.prompt_cache import prompt_cache_runner
 
 log = logging.getLogger("orchestrator.service")
 
@@ -231,6 +232,8 @@ class Service:
                 log.info("stopped before Triton answered")
                 return
             self.triton.start()
+            # encode_prompt rows from the prompt-embedding cache; Triton computes the rest
+            self.runner = prompt_cache_runner(self.triton, self.settings, self.metrics)
             if self.settings.batching == "step":
                 # each stage's rows per call, as its Triton config declares (the smallest over
                 # the endpoints); a repository without max_batch_size gets 64
@@ -239,7 +242,7 @@ class Service:
                     for model in (UNET, ENCODE_PROMPT, VAE_ENCODER, VAE_DECODER)
                 }
                 self.batcher = StepBatcher(
-                    self.triton,
+                    self.runner,
                     max_rows,
                     FlushPolicy(self.settings.batch_max_wait_ms / 1000.0),
                     on_batch=self._on_batch,
@@ -666,7 +669,9 @@ class Service:
             else:
                 progress.stage = "store"
                 path = self._store(request.request_id, i, png)
-                images.append(ImageRecord(index=i, width=width, height=height, uri=path.as_uri()))
+                images.append(
+                    ImageRecord(index=i, width=width, height=height, uri=self._uri(path))
+                )
         return GenerationResultRecord(
             request_id=request.request_id,
             images=tuple(images),
@@ -695,6 +700,15 @@ class Service:
         except OSError as exc:
             raise StoreError(f"cannot write {path}: {exc}", stage="store") from exc
         return path
+
+    def _uri(self, path: Path) -> str:
+        """Where a consumer finds a stored image: under output_uri_base when one is set (an
+        HTTP server or bucket serving output_dir), else a file:// URI of the shared volume."""
+        base = self.settings.output_uri_base
+        if not base:
+            return path.as_uri()
+        relative = path.relative_to(self.settings.output_dir.resolve()).as_posix()
+        return f"{base.rstrip('/')}/{relative}"
 
     async def _publish(self, answer: Answer) -> Answer:
         """Publish and await the broker's acknowledgement, inside a producer span."""

@@ -488,10 +488,11 @@ def poison_records(draw: st.DrawFn) -> Poison:
             kind, request=base, spoil=("schema", sid), reasons=frozenset({"unknown_schema"})
         )
     if kind == "wrong_type":
-        # valid Avro framed with the id of another record type (result, failure)
-        return Poison(
-            kind, request=base, spoil=("schema", draw(st.sampled_from([3, 4]))), reasons=MALFORMED
-        )
+        # valid Avro framed with the id of another record type (the result), or with a retired
+        # id (the failure record's, 4: never read again)
+        sid = draw(st.sampled_from([3, 4]))
+        reasons = MALFORMED if sid == 3 else frozenset({"unknown_schema"})
+        return Poison(kind, request=base, spoil=("schema", sid), reasons=reasons)
     if kind == "truncated":
         return Poison(
             kind, request=base, spoil=("truncate", draw(st.integers(0, 10_000))), reasons=MALFORMED

@@ -17,14 +17,19 @@ from orchestrator.logs import JsonFormatter, configure_logging, request_context
 
 @pytest.fixture(autouse=True)
 def clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Logger]:
-    """No ORCHESTRATOR_LOG_* from outside; the root logger as it was afterwards."""
+    """No ORCHESTRATOR_LOG_* from outside; the root and package loggers as they were after."""
     monkeypatch.delenv("ORCHESTRATOR_LOG_LEVEL", raising=False)
     monkeypatch.delenv("ORCHESTRATOR_LOG_FORMAT", raising=False)
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
+    # an earlier test in this process (the bench) may have quietened the package's loggers
+    ours = logging.getLogger("orchestrator")
+    ours_level = ours.level
+    ours.setLevel(logging.NOTSET)
     yield root
     root.handlers[:] = handlers
     root.setLevel(level)
+    ours.setLevel(ours_level)
 
 
 def test_env_file_sets_json_format_and_level(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import itertools
 from collections.abc import Callable
 from pathlib import Path
@@ -182,6 +183,9 @@ class FakeAioConsumer:
 
 
 class FakeTriton:
+    def start(self) -> None:
+        pass
+
     async def model_info(self) -> Any:
         return INFO
 
@@ -360,11 +364,23 @@ def test_a_dead_letter_refused_for_its_size_goes_without_the_original(tmp_path: 
     log, records, by_rid = asyncio.run(_run([plan], tmp_path))
     check_invariant(log, records, by_rid)
     ((_, _, key, value, headers),) = [a for a in log.acks if a[1] == "dead"]
-    import hashlib
-
     original = records[0].value
     assert value == b"" and key is None
     assert header_str(headers, "dlq.original.size") == str(len(original))
     assert header_str(headers, "dlq.original.sha256") == hashlib.sha256(original).hexdigest()
     assert "MessageSizeTooLarge" in (header_str(headers, "dlq.original.omitted.reason") or "")
     assert header_str(headers, "dlq.error.reason") == "invalid_request"
+
+
+def test_stored_image_uris_follow_output_uri_base(tmp_path: Path) -> None:
+    cfg = dict(bootstrap_servers="127.0.0.1:1", triton_url="127.0.0.1:1", output_dir=tmp_path)
+    plain = Service(load_settings(None, **cfg))
+    path = plain._store("req-1", 0, b"png")
+    assert plain._uri(path) == path.as_uri() and path.is_relative_to(tmp_path.resolve())
+    served = Service(load_settings(None, output_uri_base="https://img.example/v1/", **cfg))
+    digest = hashlib.sha256(b"req-1").hexdigest()
+    assert served._uri(path) == f"https://img.example/v1/{digest[:2]}/{digest}/0.png"
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="output_uri_base"):
+        load_settings(None, output_uri_base="not a uri", **cfg)
