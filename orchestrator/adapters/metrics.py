@@ -74,6 +74,28 @@ class Metrics:
         self.breaker_open = Gauge(
             "orchestrator_triton_circuit_open", "1 while Triton is considered down", registry=r
         )
+        self.prompt_cache_hits = Counter(
+            "orchestrator_prompt_cache_hits",
+            "encode_prompt rows answered without a text-encoder row of their own (from the "
+            "prompt-embedding cache, or shared with the same prompt's encoding under way)",
+            registry=r,
+        )
+        self.prompt_cache_misses = Counter(
+            "orchestrator_prompt_cache_misses",
+            "encode_prompt rows sent to Triton by the prompt-embedding cache (one per distinct "
+            "prompt not cached)",
+            registry=r,
+        )
+        self.prompt_cache_bytes = Gauge(
+            "orchestrator_prompt_cache_bytes",
+            "Bytes held by the prompt-embedding cache",
+            registry=r,
+        )
+        self.prompt_cache_entries = Gauge(
+            "orchestrator_prompt_cache_entries",
+            "Prompts held by the prompt-embedding cache",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
