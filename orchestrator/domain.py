@@ -114,6 +114,12 @@ class StageCall:
     model: str
     inputs: Mapping[str, npt.NDArray[Any]]
     outputs: tuple[str, ...]
+    #: per input of a merged call, the members' own arrays its rows were concatenated from, in
+    #: order (the Triton edge keeps a batch's conditioning resident while these stay the same
+    #: objects: they must not be changed in place)
+    sources: Mapping[str, tuple[npt.NDArray[Any], ...]] = dataclasses.field(
+        default_factory=dict, compare=False, repr=False
+    )
 
 
 @dataclasses.dataclass(frozen=True)

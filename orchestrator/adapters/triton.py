@@ -6,6 +6,8 @@ mapped once, here, to errors that say whether a retry may help.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -13,9 +15,16 @@ import numpy as np
 import numpy.typing as npt
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 from orchestrator.adapters.tracing import grpc_metadata
+from orchestrator.adapters.triton_shm import (
+    MODES,
+    RESIDENT_INPUTS,
+    ShmChannel,
+    cast,
+    is_lost_region,
+)
 from orchestrator.domain import ModelInfo, StageCall
 from orchestrator.errors import InferenceError, ModelConfigError, TransientInferenceError
 
@@ -29,6 +38,10 @@ TRANSIENT_CODES = frozenset(
 #: codes that say this endpoint cannot serve now (another one may): the pool skips it at once
 ENDPOINT_DOWN_CODES = frozenset({"UNAVAILABLE", "NOT_FOUND"})
 
+
+log = logging.getLogger(__name__)
+
+_F32 = np.dtype(np.float32)
 
 #: the models whose configs `model_info` reads (the unet's parameters, every max_batch_size)
 STAGE_MODELS = ("unet", "encode_prompt", "vae_encoder", "vae_decoder")
@@ -69,15 +82,75 @@ class TritonClient:
         ssl: bool = False,
         on_error: Callable[[str, str], None] | None = None,
         propagate_trace: bool = True,
+        shared_memory: str = "off",
     ) -> None:
+        if shared_memory not in MODES:
+            raise ValueError(f"shared_memory must be one of {MODES}, not {shared_memory!r}")
         self.url = url
         self.timeout_s = timeout_s
         self.on_error = on_error
         self.propagate_trace = propagate_trace
+        self.shared_memory = shared_memory
         self._client = aioclient.InferenceServerClient(url, ssl=ssl)
+        #: per model, its declared input/output dtypes (the wire dtypes), read once from its config
+        self._dtypes: dict[str, dict[str, np.dtype[Any]]] = {}
+        #: this endpoint's shared memory (None: not probed yet, or plain gRPC after `disable`)
+        self.shm: ShmChannel | None = None
+        #: "unprobed", "on" (conditioning through shared memory) or "off" (plain gRPC)
+        self.shm_state = "off" if shared_memory == "off" else "unprobed"
+        self._shm_lock = asyncio.Lock()
 
     async def close(self) -> None:
+        if self.shm is not None:
+            await self.shm.close()
+            self.shm = None
         await self._client.close()
+
+    @property
+    def uses_shared_memory(self) -> bool:
+        """Whether calls with conditioning go through this endpoint's shared memory."""
+        return self.shm_state == "on"
+
+    def _disable_shm(self, why: str) -> None:
+        log.warning("Triton %s: plain gRPC from now on (shared memory: %s)", self.url, why)
+        self.shm_state = "off"
+
+    async def _channel(self, call: StageCall) -> ShmChannel | None:
+        """This endpoint's shared memory for `call`, probing it once (`auto`: an endpoint that
+        cannot open our regions, e.g. a remote Triton, is served by plain gRPC)."""
+        if self.shm_state == "off" or not RESIDENT_INPUTS.intersection(call.inputs):
+            return None
+        async with self._shm_lock:
+            if self.shm_state == "unprobed":
+                channel = ShmChannel(self._client, timeout_s=self.timeout_s, url=self.url)
+                try:
+                    await channel.probe()
+                except Exception as exc:
+                    err = map_error(exc, "shared memory")
+                    if self.shared_memory == "on":
+                        raise err from exc
+                    if isinstance(err, TransientInferenceError):
+                        return None  # the endpoint is down: ask again next call
+                    self._disable_shm(str(err))
+                    return None
+                self.shm, self.shm_state = channel, "on"
+                log.info("Triton %s: conditioning through system shared memory", self.url)
+        return self.shm if self.shm_state == "on" else None
+
+    async def wire_dtypes(self, model: str) -> dict[str, np.dtype[Any]]:
+        """The dtypes `model` declares for its numeric inputs and outputs (read once)."""
+        if model not in self._dtypes:
+            self._remember_dtypes(model, await self.model_config(model))
+        return self._dtypes[model]
+
+    def _remember_dtypes(self, model: str, cfg: Mapping[str, Any]) -> None:
+        self._dtypes[model] = declared_dtypes(cfg)
+
+    def _fail(self, exc: Exception, model: str) -> InferenceError:
+        err = map_error(exc, model)
+        if self.on_error is not None:
+            self.on_error(model, grpc_code(err) or "CLIENT")
+        return err
 
     async def __aenter__(self) -> TritonClient:
         return self
@@ -98,38 +171,117 @@ class TritonClient:
         timeout_s: float | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> dict[str, npt.NDArray[Any]]:
-        """Run one call; inputs and outputs carry the batch dimension first."""
-        inputs = []
-        for name, arr in call.inputs.items():
-            dtype = "BYTES" if arr.dtype == np.object_ else np_to_triton_dtype(arr.dtype)
-            inp = grpcclient.InferInput(name, list(arr.shape), dtype)
-            inp.set_data_from_numpy(arr)
-            inputs.append(inp)
-        outputs = [grpcclient.InferRequestedOutput(name) for name in call.outputs]
+        """Run one call; inputs and outputs carry the batch dimension first.
+
+        Inputs are converted to the dtypes the model declares (fp16 on a half-precision
+        repository) and outputs come back fp32, whatever travelled."""
         metadata = dict(headers or {})
         if self.propagate_trace:
             # W3C traceparent in the gRPC metadata: Triton's own OpenTelemetry spans join ours
             metadata.update(grpc_metadata())
+        client_timeout = timeout_s or self.timeout_s
+        try:
+            dtypes = await self.wire_dtypes(call.model)
+        except InferenceError as exc:
+            if self.on_error is not None:
+                self.on_error(call.model, grpc_code(exc) or "CLIENT")
+            raise
+        channel = await self._channel(call)
+        if channel is not None:
+            answer = await self._infer_shm(channel, call, dtypes, metadata, client_timeout)
+            if answer is not None:
+                return answer
+        inputs = []
+        for name, arr in call.inputs.items():
+            wire = arr if arr.dtype == np.object_ else _to_wire(arr, dtypes.get(name))
+            dtype = "BYTES" if wire.dtype == np.object_ else np_to_triton_dtype(wire.dtype)
+            inp = grpcclient.InferInput(name, list(wire.shape), dtype)
+            inp.set_data_from_numpy(wire)
+            inputs.append(inp)
+        outputs = [grpcclient.InferRequestedOutput(name) for name in call.outputs]
         try:
             result = await self._client.infer(
                 call.model,
                 inputs,
                 outputs=outputs,
-                client_timeout=timeout_s or self.timeout_s,
+                client_timeout=client_timeout,
                 headers=metadata or None,
             )
         except Exception as exc:
-            err = map_error(exc, call.model)
-            if self.on_error is not None:
-                self.on_error(call.model, grpc_code(err) or "CLIENT")
-            raise err from exc
+            raise self._fail(exc, call.model) from exc
         out: dict[str, npt.NDArray[Any]] = {}
         for name in call.outputs:
             arr = result.as_numpy(name)
             if arr is None:
                 raise InferenceError(f"{call.model} returned no output {name!r}", stage=call.model)
-            out[name] = arr
+            out[name] = _from_wire(arr)
         return out
+
+    async def _infer_shm(
+        self,
+        channel: ShmChannel,
+        call: StageCall,
+        dtypes: Mapping[str, np.dtype[Any]],
+        metadata: Mapping[str, str],
+        client_timeout: float,
+    ) -> dict[str, npt.NDArray[Any]] | None:
+        """One call through `channel`; None when it must go by plain gRPC after all."""
+        for attempt in range(2):
+            generation = channel.generation
+            try:
+                inputs, outputs, lease = await channel.prepare(
+                    call.inputs, _sources(call), call.outputs, dtypes
+                )
+            except Exception as exc:
+                self._shm_failed(exc, call)
+                return None
+            try:
+                result = await self._client.infer(
+                    call.model,
+                    inputs,
+                    outputs=outputs,
+                    client_timeout=client_timeout,
+                    headers=dict(metadata) or None,
+                )
+                out: dict[str, npt.NDArray[Any]] = {}
+                for name in call.outputs:
+                    view = lease.outputs.get(name)
+                    arr = result.as_numpy(name) if view is None else view
+                    if arr is None:
+                        raise InferenceError(
+                            f"{call.model} returned no output {name!r}", stage=call.model
+                        )
+                    # a region's view is overwritten by the next call: always a copy
+                    out[name] = _from_wire(arr, copy=view is not None)
+                return out
+            except InferenceServerException as exc:
+                if attempt == 0 and is_lost_region(str(exc.message())):
+                    # Triton restarted and forgot the registrations: register again, resend
+                    log.info("Triton %s lost its shared memory registrations", self.url)
+                    try:
+                        await channel.reregister(generation)
+                    except Exception as again:
+                        self._shm_failed(again, call)
+                        return None
+                    continue
+                raise self._fail(exc, call.model) from exc
+            except InferenceError:
+                raise
+            except Exception as exc:
+                raise self._fail(exc, call.model) from exc
+            finally:
+                channel.release(lease)
+        return None
+
+    def _shm_failed(self, exc: Exception, call: StageCall) -> None:
+        """Setting up shared memory failed: a transient error is the call's; anything else ends
+        shared memory for this endpoint (`auto`) and the call goes by plain gRPC."""
+        err = map_error(exc, call.model)
+        if isinstance(err, TransientInferenceError) or self.shared_memory == "on":
+            if self.on_error is not None:
+                self.on_error(call.model, grpc_code(err) or "CLIENT")
+            raise err from exc
+        self._disable_shm(str(err))
 
     async def model_config(self, model: str) -> dict[str, Any]:
         try:
@@ -140,6 +292,16 @@ class TritonClient:
             raise map_error(exc, model) from exc
         cfg: dict[str, Any] = resp.get("config", resp)
         return cfg
+
+    async def model_versions(self, model: str) -> list[str]:
+        """The versions of `model` Triton has ready (its metadata's `versions`)."""
+        try:
+            resp = await self._client.get_model_metadata(
+                model, as_json=True, client_timeout=self.timeout_s
+            )
+        except Exception as exc:
+            raise map_error(exc, model) from exc
+        return [str(v) for v in resp.get("versions", [])]
 
     async def inference_statistics(self, models: Sequence[str] = ()) -> dict[str, dict[str, int]]:
         """Per model: inference_count, execution_count and compute time (ns) so far."""
@@ -165,6 +327,8 @@ class TritonClient:
         """Learn what the orchestrator needs from the models' configs: the unet's parameters
         (model facts and declared size limits) and every stage's max_batch_size."""
         configs = {model: await self.model_config(model) for model in STAGE_MODELS}
+        for model, cfg in configs.items():
+            self._remember_dtypes(model, cfg)
         outputs = {o.get("name") for o in configs["encode_prompt"].get("output", [])}
         if "num_tokens" not in outputs:
             raise ModelConfigError(
@@ -172,6 +336,48 @@ class TritonClient:
                 "an older version; rebuild it with `orchestrator models build`"
             )
         return model_info_from_configs(configs["unet"], configs)
+
+
+def declared_dtypes(cfg: Mapping[str, Any]) -> dict[str, np.dtype[Any]]:
+    """A model config's numeric input and output dtypes by tensor name (strings left out)."""
+    out: dict[str, np.dtype[Any]] = {}
+    for tensor in [*cfg.get("input", []), *cfg.get("output", [])]:
+        name, data_type = tensor.get("name"), str(tensor.get("data_type", ""))
+        if not name or data_type in ("", "TYPE_STRING"):
+            continue
+        dtype = triton_to_np_dtype(data_type.removeprefix("TYPE_"))
+        if dtype is not None:
+            out[str(name)] = np.dtype(dtype)
+    return out
+
+
+def _to_wire(arr: npt.NDArray[Any], declared: np.dtype[Any] | None) -> npt.NDArray[Any]:
+    """An input in its declared float dtype (fp32 -> fp16 on a half-precision model)."""
+    if declared is None or declared == arr.dtype or arr.dtype.kind != "f" or declared.kind != "f":
+        return arr
+    return cast(arr, declared)
+
+
+def _from_wire(arr: npt.NDArray[Any], *, copy: bool = False) -> npt.NDArray[Any]:
+    """An output as the orchestrator computes with it: half precision back to fp32."""
+    if arr.dtype == np.float16:
+        return cast(arr, _F32)
+    return np.array(arr) if copy else arr
+
+
+def _sources(call: StageCall) -> dict[str, Sequence[npt.NDArray[Any]]]:
+    """Per resident input, the arrays its rows were gathered from (each job's own), when the
+    call says and they add up; else the input itself."""
+    given = getattr(call, "sources", None) or {}
+    out: dict[str, Sequence[npt.NDArray[Any]]] = {}
+    for name in RESIDENT_INPUTS.intersection(call.inputs):
+        parts = given.get(name)
+        arr = call.inputs[name]
+        if parts and sum(int(p.shape[0]) for p in parts) == arr.shape[0]:
+            out[name] = tuple(parts)
+        else:
+            out[name] = (arr,)
+    return out
 
 
 def _params(cfg: Mapping[str, Any]) -> dict[str, str]:

@@ -69,8 +69,10 @@ class TritonPool:
         probe_interval_s: float = 1.0,
         resolve_interval_s: float = 10.0,
         resolve: Callable[[str, int], Any] | None = None,
+        shared_memory: str = "off",
     ) -> None:
         self.spec = spec
+        self.shared_memory = shared_memory
         self.targets = parse_endpoints(spec)
         self.timeout_s = timeout_s
         self.ssl = ssl
@@ -108,6 +110,7 @@ class TritonPool:
             ssl=self.ssl,
             on_error=self.on_error,
             propagate_trace=self.propagate_trace,
+            shared_memory=self.shared_memory,
         )
         self._endpoints[address] = _Endpoint(EndpointState(address), client, source)
         log.info("Triton endpoint %s (from %s)", address, source)
@@ -295,6 +298,22 @@ class TritonPool:
         for endpoint in self._live():
             with contextlib.suppress(OrchestratorError):
                 out[endpoint.state.address] = await endpoint.client.inference_statistics(models)
+        return out
+
+    async def describe_models(self, models: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Per reachable endpoint, per model: its config and the versions Triton has ready
+        (what a prompt-embedding cache keys on); an endpoint that does not answer is left out."""
+        out: dict[str, dict[str, Any]] = {}
+        for endpoint in self._live():
+            client = endpoint.client
+            with contextlib.suppress(OrchestratorError):
+                out[endpoint.state.address] = {
+                    m: {
+                        "config": await client.model_config(m),
+                        "versions": await client.model_versions(m),
+                    }
+                    for m in models
+                }
         return out
 
 

@@ -112,9 +112,14 @@ def read_limits(repo: Path) -> ServingLimits | None:
     return ServingLimits(max_width=found["max_width"], max_height=found["max_height"])
 
 
-def model_specs(facts: ModelFacts, source: str, limits: ServingLimits) -> list[ModelSpec]:
-    """Tensors and parameters of every model, in dependency order."""
+def model_specs(
+    facts: ModelFacts, source: str, limits: ServingLimits, *, half: bool = False
+) -> list[ModelSpec]:
+    """Tensors and parameters of every model, in dependency order. `half`: the engines run in
+    fp16 and so do their float inputs and outputs on the wire (the GPU variant); `timestep`
+    stays fp32 (fp16 would round non-integer timesteps, and it is 4 bytes a row)."""
     c, length, dim = facts.latent_channels, facts.text_max_length, facts.text_embed_dim
+    fp = "TYPE_FP16" if half else "TYPE_FP32"
     vae_params = {
         "vae_scale_factor": str(facts.vae_scale_factor),
         "scaling_factor": repr(float(facts.scaling_factor)),
@@ -134,7 +139,7 @@ def model_specs(facts: ModelFacts, source: str, limits: ServingLimits) -> list[M
     }
     prompt = TensorSpec("prompt", "TYPE_STRING", (1,))
     ids = TensorSpec("input_ids", "TYPE_INT64", (length,))
-    embeds = TensorSpec("text_embeds", "TYPE_FP32", (length, dim))
+    embeds = TensorSpec("text_embeds", fp, (length, dim))
     num_tokens = TensorSpec("num_tokens", "TYPE_INT64", (1,))
     specs = [
         ModelSpec("tokenizer", (prompt,), (ids, num_tokens), {"max_length": str(length)}),
@@ -142,24 +147,24 @@ def model_specs(facts: ModelFacts, source: str, limits: ServingLimits) -> list[M
         ModelSpec(ENSEMBLE, (prompt,), (embeds, num_tokens), {}),
         ModelSpec(
             "vae_encoder",
-            (TensorSpec("image", "TYPE_FP32", (3, -1, -1)),),
-            (TensorSpec("latent_mean", "TYPE_FP32", (c, -1, -1)),),
+            (TensorSpec("image", fp, (3, -1, -1)),),
+            (TensorSpec("latent_mean", fp, (c, -1, -1)),),
             vae_params,
         ),
         ModelSpec(
             "unet",
             (
-                TensorSpec("sample", "TYPE_FP32", (c, -1, -1)),
+                TensorSpec("sample", fp, (c, -1, -1)),
                 TensorSpec("timestep", "TYPE_FP32", (1,)),
-                TensorSpec("encoder_hidden_states", "TYPE_FP32", (length, dim)),
+                TensorSpec("encoder_hidden_states", fp, (length, dim)),
             ),
-            (TensorSpec("noise_pred", "TYPE_FP32", (c, -1, -1)),),
+            (TensorSpec("noise_pred", fp, (c, -1, -1)),),
             unet_params,
         ),
         ModelSpec(
             "vae_decoder",
-            (TensorSpec("latent", "TYPE_FP32", (c, -1, -1)),),
-            (TensorSpec("image", "TYPE_FP32", (3, -1, -1)),),
+            (TensorSpec("latent", fp, (c, -1, -1)),),
+            (TensorSpec("image", fp, (3, -1, -1)),),
             vae_params,
         ),
     ]
@@ -375,12 +380,22 @@ def _trt_shapes(
     return shapes(1, low), shapes(profile.opt_batch, opt), shapes(profile.max_batch, high)
 
 
+#: config data types -> trtexec I/O formats (linear layout)
+_TRT_IO = {"TYPE_FP16": "fp16:chw", "TYPE_FP32": "fp32:chw", "TYPE_INT64": "int64:chw"}
+
+
+def _io_formats(tensors: Sequence[TensorSpec]) -> str:
+    """trtexec's --inputIOFormats/--outputIOFormats: one entry per tensor, in config order."""
+    return ",".join(_TRT_IO[t.data_type] for t in tensors)
+
+
 def render_convert_script(facts: ModelFacts, max_batch_size: int, limits: ServingLimits) -> str:
     lines = [
         "#!/usr/bin/env bash",
         "# Turn each stage's ONNX file into the TensorRT engine Triton loads (model.plan).",
         "# Run inside the NGC TensorRT container of Triton's release, on the GPU that will serve",
-        "# the models. Extra trtexec flags (for example --fp16) can be passed in TRTEXEC_FLAGS;",
+        "# the models, in half precision with fp16 inputs and outputs as the configs declare",
+        "# (timestep fp32). Extra trtexec flags (e.g. --best) can be passed in TRTEXEC_FLAGS;",
         "# TRTEXEC names the binary, else it is looked for on PATH and in the containers' folders.",
         "set -euo pipefail",
         'HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"',
@@ -395,8 +410,10 @@ def render_convert_script(facts: ModelFacts, max_batch_size: int, limits: Servin
         "fi",
         "",
     ]
+    specs = {s.name: s for s in model_specs(facts, "", limits, half=True)}
     for stage in ONNX_STAGES:
         low, opt, high = _trt_shapes(facts, stage, max_batch_size, limits)
+        spec = specs[stage]
         lines += [
             f'echo "building {stage}/1/model.plan"',
             '"$TRTEXEC" \\',
@@ -405,6 +422,9 @@ def render_convert_script(facts: ModelFacts, max_batch_size: int, limits: Servin
             f"  --minShapes={low} \\",
             f"  --optShapes={opt} \\",
             f"  --maxShapes={high} \\",
+            "  --fp16 \\",
+            f"  --inputIOFormats={_io_formats(spec.inputs)} \\",
+            f"  --outputIOFormats={_io_formats(spec.outputs)} \\",
             "  ${TRTEXEC_FLAGS:-}",
             "",
         ]
@@ -427,7 +447,11 @@ ensemble tokenizer -> text_encoder.
 Each stage's ONNX file (a copy of `DIR/onnx/<stage>.onnx`) lies at `<stage>/1/model.onnx`.
 Before serving, build the engines on the target GPU inside the NGC container:
 
-    bash convert.sh            # or: TRTEXEC_FLAGS=--fp16 bash convert.sh
+    bash convert.sh            # extra trtexec flags: TRTEXEC_FLAGS="--best" bash convert.sh
+
+The engines run in fp16 and so do their float inputs and outputs (the configs declare
+`TYPE_FP16`; `timestep` stays fp32): the orchestrator converts at the edge and keeps its
+scheduler math in fp32.
 
 Optimization profiles, rows per call (each config's max_batch_size): {rows}; latent side
 {facts.size_multiple // facts.vae_scale_factor}..{limits.max_height // facts.vae_scale_factor}
@@ -463,7 +487,7 @@ def write_repository(
     if repo.exists():
         shutil.rmtree(repo)
     written: list[Path] = []
-    for spec in model_specs(facts, source, limits):
+    for spec in model_specs(facts, source, limits, half=target == "gpu"):
         model_dir = repo / spec.name
         version = model_dir / "1"
         version.mkdir(parents=True)

@@ -1208,13 +1208,14 @@ def test_gpu_profiles_bound_each_stage(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("flags", "expected"),
-    [(None, []), ("", []), ("--fp16", ["--fp16"]), ("--fp16 --best", ["--fp16", "--best"])],
+    # --fp16 always (the configs declare fp16 I/O), then TRTEXEC_FLAGS as given
+    [(None, ["--fp16"]), ("", ["--fp16"]), ("--best", ["--fp16", "--best"])],
 )
 def test_convert_script_finds_trtexec_and_passes_flags(
     tmp_path: Path, flags: str | None, expected: list[str]
 ) -> None:
     """convert.sh as the engine Job and compose run it: trtexec from PATH, TRTEXEC_FLAGS as
-    given (empty means none: FP32)."""
+    given after the --fp16 every engine gets."""
     from orchestrator.models import repository
 
     facts = sd15_facts()

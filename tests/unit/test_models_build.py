@@ -338,3 +338,54 @@ def test_cached_builds_of_an_older_format_are_rebuilt(
     assert calls == ["micro"]
     build_module.ensure_preset("micro", built["micro"])  # current: not rebuilt
     assert calls == ["micro"]
+
+
+def test_gpu_variant_declares_fp16_io_where_the_engine_is_fp16(
+    built: dict[str, Path], tmp_path: Path
+) -> None:
+    """Issue 14: the GPU engines run in fp16 (convert.sh's --fp16), so their float inputs and
+    outputs are fp16 on the wire; the CPU variant stays fp32; timestep is fp32 everywhere. The
+    I/O formats convert.sh gives trtexec follow the ONNX graph's own tensor order."""
+    import onnx
+
+    out = built["tiny"]
+    facts = export.load_components(out / "diffusers").facts
+    onnx_paths = {s: out / "onnx" / f"{s}.onnx" for s in export.STAGES}
+    fp16, fp32 = model_config_pb2.TYPE_FP16, model_config_pb2.TYPE_FP32
+    for target, want in (("gpu", fp16), ("cpu", fp32)):
+        repo = tmp_path / target
+        repository.write_repository(
+            repo,
+            facts,
+            onnx_paths,
+            out / "diffusers" / "tokenizer",
+            target=target,
+            max_batch_size=4,
+            source="tiny",
+        )
+        for model in [*export.STAGES, "encode_prompt"]:
+            config = parse_config(repo / model / "config.pbtxt")
+            for tensor in [*config.input, *config.output]:
+                if tensor.name == "timestep":
+                    assert tensor.data_type == fp32, (target, model)
+                elif tensor.data_type not in (
+                    model_config_pb2.TYPE_INT64,
+                    model_config_pb2.TYPE_STRING,
+                ):
+                    assert tensor.data_type == want, (target, model, tensor.name)
+    script = (tmp_path / "gpu" / "convert.sh").read_text()
+    names = {
+        model_config_pb2.TYPE_FP16: "fp16:chw",
+        fp32: "fp32:chw",
+        model_config_pb2.TYPE_INT64: "int64:chw",
+    }
+    for stage in ("text_encoder", "vae_encoder", "unet", "vae_decoder"):
+        graph = onnx.load(str(onnx_paths[stage]), load_external_data=False).graph
+        config = parse_config(tmp_path / "gpu" / stage / "config.pbtxt")
+        by_name = {t.name: names[t.data_type] for t in [*config.input, *config.output]}
+        formats_in = ",".join(by_name[i.name] for i in graph.input)
+        formats_out = ",".join(by_name[o.name] for o in graph.output)
+        block = script.split(f'building {stage}/1/model.plan"')[1].split("echo ")[0]
+        assert "--fp16 \\" in block
+        assert f"--inputIOFormats={formats_in} \\" in block, stage
+        assert f"--outputIOFormats={formats_out} \\" in block, stage
