@@ -3,12 +3,18 @@
 `StepBatcher` is itself a StageRunner: a job's loop is the same whether it runs alone against
 Triton (naive mode) or through the batcher. Jobs register while they run; when every registered
 job has a call waiting, the batch goes at once, else after `FlushPolicy.max_wait_s`.
+
+With `CohortPolicy(cohorts=2)` registered jobs are split into two cohorts, each flushed on its
+own terms (every member waiting, or the wait): one cohort's jobs do their scheduler steps on
+the event loop while the other cohort's call runs in Triton, so neither side idles for the
+other (docs/benchmarks.md, "Keeping the UNet busy").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -18,7 +24,7 @@ import numpy.typing as npt
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from orchestrator.core.batching import Batch, FlushPolicy, merge, pack, split
+from orchestrator.core.batching import Batch, CohortPolicy, FlushPolicy, merge, pack, split
 from orchestrator.domain import StageCall
 from orchestrator.errors import OrchestratorError
 from orchestrator.executor import StageRunner
@@ -48,6 +54,21 @@ class _Waiting:
     span: trace.Span
 
 
+#: (batcher, cohort) of the job whose task runs: set by `StepBatcher.job` for its block
+_COHORT: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar(
+    "orchestrator_batch_cohort", default=None
+)
+
+
+@dataclasses.dataclass
+class _Cohort:
+    """Jobs that flush together, and their calls waiting."""
+
+    waiting: list[_Waiting] = dataclasses.field(default_factory=list)
+    active: int = 0
+    timer: asyncio.TimerHandle | None = None
+
+
 class StepBatcher:
     def __init__(
         self,
@@ -56,40 +77,61 @@ class StepBatcher:
         policy: FlushPolicy | None = None,
         on_batch: Callable[[BatchRecord], None] | None = None,
         tracer: trace.Tracer | None = None,
+        cohorts: CohortPolicy | None = None,
     ) -> None:
         self.tracer = tracer or trace.NoOpTracer()
         self.runner = runner
         self.max_rows = dict(max_rows)
         self.policy = policy or FlushPolicy()
+        self.cohort_policy = cohorts or CohortPolicy()
         self.on_batch = on_batch
-        self._waiting: list[_Waiting] = []
-        self._active = 0
-        self._timer: asyncio.TimerHandle | None = None
+        self._cohorts = [_Cohort() for _ in range(self.cohort_policy.cohorts)]
         self._tasks: set[asyncio.Task[None]] = set()
 
     @property
     def active(self) -> int:
-        return self._active
+        return sum(c.active for c in self._cohorts)
+
+    @property
+    def cohort_sizes(self) -> tuple[int, ...]:
+        """Active jobs per cohort."""
+        return tuple(c.active for c in self._cohorts)
 
     @contextlib.asynccontextmanager
     async def job(self) -> AsyncIterator[None]:
-        """Count a job as active (expected to submit) for as long as the block runs."""
-        self._active += 1
+        """Count a job as active (expected to submit) for as long as the block runs.
+
+        The job joins a cohort (the smallest); its calls made from within the block, in this
+        task or tasks it starts, wait and flush with that cohort's."""
+        index = self.cohort_policy.assign(self.cohort_sizes)
+        cohort = self._cohorts[index]
+        cohort.active += 1
+        token = _COHORT.set((id(self), index))
         try:
             yield
         finally:
-            self._active -= 1
-            self._maybe_flush()
+            _COHORT.reset(token)
+            cohort.active -= 1
+            self._maybe_flush(cohort)
+
+    def _cohort_of_caller(self) -> _Cohort:
+        mark = _COHORT.get()
+        if mark is not None and mark[0] == id(self):
+            return self._cohorts[mark[1]]
+        # a call from outside `job()` (not counted as active): it rides with the first cohort
+        return self._cohorts[0]
 
     async def infer(self, call: StageCall, tag: object = None) -> Outputs:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Outputs] = loop.create_future()
-        self._waiting.append(_Waiting(call, fut, time.monotonic(), tag, trace.get_current_span()))
-        self._maybe_flush()
+        cohort = self._cohort_of_caller()
+        cohort.waiting.append(_Waiting(call, fut, time.monotonic(), tag, trace.get_current_span()))
+        self._maybe_flush(cohort)
         return await fut
 
-    def _maybe_flush(self, on_timer: bool = False) -> None:
-        """Flush when every active job waits; a flush for age only happens from the timer.
+    def _maybe_flush(self, cohort: _Cohort, on_timer: bool = False) -> None:
+        """Flush when every active job of the cohort waits; a flush for age only happens from
+        the timer.
 
         The age check is left to the timer on purpose: jobs woken by the same batch resume one
         after another in one event-loop pass, each spending CPU time (scheduler step, next
@@ -97,25 +139,25 @@ class StepBatcher:
         cohort into small batches although every member was about to submit; the timer runs
         only after the callbacks already scheduled, so it sees them all.
         """
-        if not self._waiting:
+        if not cohort.waiting:
             return
-        oldest = time.monotonic() - self._waiting[0].since
+        oldest = time.monotonic() - cohort.waiting[0].since
         age = oldest if on_timer else 0.0
-        if self.policy.should_flush(len(self._waiting), self._active, age):
-            self._flush()
-        elif self._timer is None:
+        if self.policy.should_flush(len(cohort.waiting), cohort.active, age):
+            self._flush(cohort)
+        elif cohort.timer is None:
             delay = max(0.0, self.policy.max_wait_s - oldest)
-            self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+            cohort.timer = asyncio.get_running_loop().call_later(delay, self._on_timer, cohort)
 
-    def _on_timer(self) -> None:
-        self._timer = None
-        self._maybe_flush(on_timer=True)
+    def _on_timer(self, cohort: _Cohort) -> None:
+        cohort.timer = None
+        self._maybe_flush(cohort, on_timer=True)
 
-    def _flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        waiting, self._waiting = self._waiting, []
+    def _flush(self, cohort: _Cohort) -> None:
+        if cohort.timer is not None:
+            cohort.timer.cancel()
+            cohort.timer = None
+        waiting, cohort.waiting = cohort.waiting, []
         # a caller that gave up (cancelled) no longer needs its call made
         waiting = [w for w in waiting if not w.future.done()]
         calls = [w.call for w in waiting]

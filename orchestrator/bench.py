@@ -351,11 +351,16 @@ async def direct_sender(
     BLS; `triton_url` may list several endpoints (one pool spreads the calls)."""
     from orchestrator.adapters.triton_pool import TritonPool
     from orchestrator.batcher import StepBatcher
+    from orchestrator.config import load_settings
+    from orchestrator.core.batching import CohortPolicy
     from orchestrator.executor import run_job
+    from orchestrator.prompt_cache import prompt_cache_runner
 
     async with TritonPool(triton_url, timeout_s=timeout) as triton:
         info = await triton.model_info()
         client = _TimedRunner(triton, timer)
+        # as the service: encode_prompt behind the prompt-embedding cache (ORCHESTRATOR_PROMPT_*)
+        cached = prompt_cache_runner(triton, load_settings(None), inner=client)
         if mode == "bls":
 
             async def send_bls(r: GenerationRequest) -> None:
@@ -367,11 +372,12 @@ async def direct_sender(
         elif mode == "naive":
 
             async def send_naive(r: GenerationRequest) -> None:
-                await run_job(start_job(r, info), client)
+                await run_job(start_job(r, info), cached)
 
             yield send_naive
         else:
-            batcher = StepBatcher(client, _max_rows(info))
+            cohorts = CohortPolicy(load_settings(None).batch_cohorts)  # ORCHESTRATOR_BATCH_COHORTS
+            batcher = StepBatcher(cached, _max_rows(info), cohorts=cohorts)
 
             async def send_step(r: GenerationRequest) -> None:
                 async with batcher.job():

@@ -41,6 +41,13 @@ class Settings(BaseSettings):
     )
     triton_ssl: bool = Field(False, description="use TLS for the Triton gRPC channel")
     triton_timeout_s: float = Field(60.0, gt=0, le=3600, description="deadline of one Triton call")
+    triton_shared_memory: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="UNet conditioning through Triton system shared memory, registered once per "
+        "endpoint and rewritten only when a batch's jobs change (the orchestrator beside Triton, "
+        "sharing /dev/shm): auto = per endpoint, plain gRPC where registration is refused (a "
+        "remote Triton); on = required; off = plain gRPC",
+    )
 
     # --- Kafka ------------------------------------------------------------------------------
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")
@@ -130,6 +137,13 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(32, ge=1, le=4096, description="jobs processed at once")
     batching: Literal["step", "naive"] = Field("step", description="UNet step batching mode")
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest wait to fill a batch")
+    batch_cohorts: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="step mode: groups of jobs that flush apart, so one steps while another's "
+        "call runs in Triton (1: all jobs in lockstep; 2 measured better, docs/benchmarks.md)",
+    )
     prompt_cache_entries: int = Field(
         1024,
         ge=0,

@@ -47,7 +47,7 @@ from orchestrator.adapters.triton_pool import TritonPool
 from orchestrator.batcher import BatchRecord, StepBatcher
 from orchestrator.breaker import CircuitBreaker
 from orchestrator.config import Settings
-from orchestrator.core.batching import FlushPolicy
+from orchestrator.core.batching import CohortPolicy, FlushPolicy
 from orchestrator.core.envelope import check_envelope
 from orchestrator.core.pipeline import ENCODE_PROMPT, UNET, VAE_DECODER, VAE_ENCODER, Job, start_job
 from orchestrator.domain import GeneratedImages, GenerationRequest, ModelInfo, StageCall
@@ -153,6 +153,7 @@ class Service:
             failure_threshold=settings.breaker_failure_threshold,
             probe_interval_s=settings.breaker_probe_interval_s,
             resolve_interval_s=settings.triton_resolve_interval_s,
+            shared_memory=settings.triton_shared_memory,
         )
         self.breaker = CircuitBreaker(
             self.triton.is_ready,
@@ -247,6 +248,7 @@ class Service:
                     FlushPolicy(self.settings.batch_max_wait_ms / 1000.0),
                     on_batch=self._on_batch,
                     tracer=self.tracer,
+                    cohorts=CohortPolicy(self.settings.batch_cohorts),
                 )
                 self.runner = self.batcher
             await self.producer.start()

@@ -73,7 +73,9 @@ def merge(calls: Sequence[StageCall], members: Sequence[int]) -> Batch:
         slices.append(slice(start, start + rows(c)))
         start += rows(c)
     inputs = {name: np.concatenate([c.inputs[name] for c in chosen]) for name in first.inputs}
-    return Batch(StageCall(first.model, inputs, first.outputs), tuple(members), tuple(slices))
+    sources = {name: tuple(c.inputs[name] for c in chosen) for name in first.inputs}
+    call = StageCall(first.model, inputs, first.outputs, sources)
+    return Batch(call, tuple(members), tuple(slices))
 
 
 def split(
@@ -96,3 +98,39 @@ class FlushPolicy:
         if waiting >= active:
             return True
         return oldest_wait_s >= self.max_wait_s
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortPolicy:
+    """Jobs split into `cohorts` groups that flush independently, so their calls overlap.
+
+    With one cohort every active job is in the same lockstep: Triton waits while the
+    orchestrator does every job's scheduler step, and the orchestrator waits while Triton
+    computes. With two, one cohort's members step while the other's call runs (the overlap
+    schedulers of LLM serving do the same with two micro-batches).
+    """
+
+    cohorts: int = 1
+
+    def __post_init__(self) -> None:
+        if self.cohorts < 1:
+            raise ValueError(f"cohorts must be at least 1, got {self.cohorts}")
+
+    def assign(self, active: Sequence[int]) -> int:
+        """The cohort a new job joins, given each cohort's active jobs: the smallest (the
+        lowest index on ties), so cohorts stay balanced as jobs come and go."""
+        if len(active) != self.cohorts:
+            raise ValueError(f"expected {self.cohorts} cohort sizes, got {len(active)}")
+        return min(range(self.cohorts), key=lambda i: (active[i], i))
+
+
+def busy_time(intervals: Sequence[tuple[float, float]]) -> float:
+    """Time covered by at least one of the (start, end) intervals (overlaps counted once)."""
+    total = 0.0
+    end = float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total

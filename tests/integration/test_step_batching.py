@@ -1,6 +1,7 @@
 """The issue's "must show": 16 concurrent jobs with different steps and schedulers, batched
 step by step through StepBatcher against the real Triton, give exactly the images each job
-gives when it runs alone; and the batch records prove the calls were really shared."""
+gives when it runs alone; and the batch records prove the calls were really shared. Both with
+one cohort (lockstep) and with two cohorts overlapping their steps with each other's calls."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from orchestrator.adapters.triton import TritonClient
 from orchestrator.batcher import BatchRecord, StepBatcher
+from orchestrator.core.batching import CohortPolicy
 from orchestrator.core.pipeline import ENCODE_PROMPT, UNET, VAE_DECODER, VAE_ENCODER, start_job
 from orchestrator.domain import GenerationRequest
 from orchestrator.executor import run_job
@@ -35,7 +37,8 @@ def requests() -> list[GenerationRequest]:
     ]
 
 
-async def test_sixteen_concurrent_jobs_equal_their_solo_runs(triton: Any) -> None:
+@pytest.mark.parametrize("cohorts", [1, 2])
+async def test_sixteen_concurrent_jobs_equal_their_solo_runs(triton: Any, cohorts: int) -> None:
     reqs = requests()
     async with TritonClient(triton.grpc_url, timeout_s=120) as client:
         info = await client.model_info()
@@ -46,7 +49,9 @@ async def test_sixteen_concurrent_jobs_equal_their_solo_runs(triton: Any) -> Non
         records: list[BatchRecord] = []
         max_rows = {UNET: info.unet_max_batch_size or 64, ENCODE_PROMPT: 64}
         max_rows |= {VAE_ENCODER: 64, VAE_DECODER: 64}
-        batcher = StepBatcher(client, max_rows, on_batch=records.append)
+        batcher = StepBatcher(
+            client, max_rows, on_batch=records.append, cohorts=CohortPolicy(cohorts)
+        )
         jobs = [start_job(r, info) for r in reqs]
         expected_calls = sum(2 + j.total_unet_calls for j in jobs)
 
@@ -54,12 +59,19 @@ async def test_sixteen_concurrent_jobs_equal_their_solo_runs(triton: Any) -> Non
             async with batcher.job():
                 return (await run_job(job, batcher)).images[0]
 
-        together = await asyncio.gather(*(one(j) for j in jobs))
+        async def spy() -> None:  # both cohorts really hold jobs
+            await asyncio.sleep(0)
+            sizes_seen.append(batcher.cohort_sizes)
+
+        sizes_seen: list[tuple[int, ...]] = []
+
+        together, _ = await asyncio.gather(asyncio.gather(*(one(j) for j in jobs)), spy())
 
     for r, a, b in zip(reqs, alone, together, strict=True):
         assert a.shape == b.shape
         assert np.array_equal(a, b), f"{r.request_id} ({r.scheduler}, {r.steps} steps) differs"
 
+    assert sizes_seen == ([(16,)] if cohorts == 1 else [(8, 8)]), sizes_seen
     assert all(rec.ok for rec in records)
     # every job call went through exactly one executed batch
     assert sum(rec.members for rec in records) == expected_calls

@@ -1,9 +1,11 @@
 """StepBatcher keeps a cohort together: jobs woken by one batch that spend CPU time before they
-submit again still land in one batch, even when that time exceeds the flush wait."""
+submit again still land in one batch, even when that time exceeds the flush wait. With two
+cohorts, one cohort's scheduler steps run while the other's call computes."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -11,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from orchestrator.batcher import BatchRecord, StepBatcher
-from orchestrator.core.batching import FlushPolicy
+from orchestrator.core.batching import CohortPolicy, FlushPolicy
 from orchestrator.domain import StageCall
 
 
@@ -43,3 +45,99 @@ async def test_cpu_busy_cohort_is_not_cut_by_the_wait() -> None:
 
     await asyncio.gather(outsider(), *(job() for _ in range(jobs)))
     assert [r.members for r in records] == [jobs] * steps
+
+
+class OneInstanceModel:
+    """A model server with one instance: calls run one at a time in another thread (as Triton
+    computes in another process), so the event loop's CPU work can overlap them."""
+
+    def __init__(self, compute_s: float) -> None:
+        self.compute_s = compute_s
+        self.in_flight = 0
+        self.lock = threading.Lock()
+
+    def _compute(self) -> None:
+        with self.lock:
+            time.sleep(self.compute_s)
+
+    async def infer(self, call: StageCall) -> dict[str, npt.NDArray[Any]]:
+        self.in_flight += 1
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._compute)
+        finally:
+            self.in_flight -= 1
+        return {"noise_pred": call.inputs["sample"]}
+
+
+async def run_steps(cohorts: int, jobs: int = 16, steps: int = 6) -> tuple[list[int], int]:
+    """Jobs stepping through the batcher; returns batch sizes and how many scheduler steps ran
+    while a model call was in flight."""
+    model = OneInstanceModel(0.005)
+    records: list[BatchRecord] = []
+    batcher = StepBatcher(
+        model,
+        {"unet": 64},
+        FlushPolicy(max_wait_s=0.002),
+        records.append,
+        None,
+        CohortPolicy(cohorts),
+    )
+    overlapped = 0
+
+    async def job() -> None:
+        nonlocal overlapped
+        async with batcher.job():
+            await asyncio.sleep(0)  # every job registers before the first call
+            for _ in range(steps):
+                await batcher.infer(call())
+                overlapped += model.in_flight > 0
+                time.sleep(0.001)  # the scheduler step: CPU work, no await
+
+    await asyncio.gather(*(job() for _ in range(jobs)))
+    assert batcher.active == 0
+    return [r.members for r in records], overlapped
+
+
+async def test_one_cohort_runs_in_lockstep() -> None:
+    sizes, overlapped = await run_steps(cohorts=1)
+    assert sizes == [16] * 6
+    assert overlapped == 0  # every step ran while the model idled
+
+
+async def test_two_cohorts_step_while_the_other_computes() -> None:
+    sizes, overlapped = await run_steps(cohorts=2)
+    assert sizes == [8] * 12
+    # all but the last round's steps (and the first cohort's first) overlap a call
+    assert overlapped >= 16 * 6 - 16, overlapped
+
+
+async def test_a_cohort_does_not_wait_for_another_cohorts_jobs() -> None:
+    batcher = StepBatcher(
+        SlowEcho(), {"unet": 64}, FlushPolicy(max_wait_s=5.0), None, None, CohortPolicy(2)
+    )
+    release = asyncio.Event()
+
+    async def idle_job() -> None:  # cohort 0: active, never submits until released
+        async with batcher.job():
+            await release.wait()
+
+    async def busy_job() -> float:  # cohort 1: alone, flushes at once
+        async with batcher.job():
+            t0 = time.monotonic()
+            await batcher.infer(call())
+            return time.monotonic() - t0
+
+    idle = asyncio.create_task(idle_job())
+    await asyncio.sleep(0)
+    assert batcher.cohort_sizes == (1, 0)
+    waited = await busy_job()
+    release.set()
+    await idle
+    assert waited < 1.0  # not the 5 s wait that one cohort of both jobs would impose
+    assert batcher.cohort_sizes == (0, 0)
+
+
+async def test_calls_from_outside_a_job_still_go() -> None:
+    batcher = StepBatcher(SlowEcho(), {"unet": 64}, cohorts=CohortPolicy(2))
+    out = await asyncio.wait_for(batcher.infer(call()), 1.0)
+    assert out["noise_pred"].shape == (1, 4)

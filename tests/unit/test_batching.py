@@ -10,7 +10,7 @@ import numpy.typing as npt
 import pytest
 
 from orchestrator.batcher import BatchRecord, StepBatcher
-from orchestrator.core.batching import FlushPolicy, merge, pack, split
+from orchestrator.core.batching import CohortPolicy, FlushPolicy, busy_time, merge, pack, split
 from orchestrator.domain import StageCall
 from orchestrator.errors import InferenceError, TransientInferenceError
 
@@ -171,3 +171,51 @@ async def test_transient_failure_reaches_every_member_for_retry() -> None:
     )
     assert all(isinstance(r, TransientInferenceError) for r in results)
     assert runner.calls == [4]
+
+
+@pytest.mark.parametrize(
+    ("cohorts", "active", "joins"),
+    [
+        (1, [0], 0),
+        (1, [31], 0),
+        (2, [0, 0], 0),
+        (2, [1, 0], 1),
+        (2, [3, 3], 0),
+        (2, [5, 2], 1),  # jobs left cohort 1: new jobs refill it first
+        (3, [2, 1, 1], 1),
+    ],
+)
+def test_new_job_joins_the_smallest_cohort(cohorts: int, active: list[int], joins: int) -> None:
+    assert CohortPolicy(cohorts).assign(active) == joins
+
+
+def test_cohorts_stay_balanced_as_jobs_arrive() -> None:
+    policy = CohortPolicy(2)
+    sizes = [0, 0]
+    for _ in range(33):
+        sizes[policy.assign(sizes)] += 1
+    assert sizes == [17, 16]
+
+
+def test_cohort_policy_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="at least 1"):
+        CohortPolicy(0)
+    with pytest.raises(ValueError, match="expected 2 cohort sizes"):
+        CohortPolicy(2).assign([1])
+
+
+@pytest.mark.parametrize(
+    ("intervals", "busy"),
+    [
+        ([], 0.0),
+        ([(0.0, 1.0)], 1.0),
+        ([(0.0, 1.0), (2.0, 3.5)], 2.5),
+        ([(0.0, 2.0), (1.0, 3.0)], 3.0),  # overlap counted once
+        ([(1.0, 3.0), (0.0, 4.0), (5.0, 6.0)], 5.0),  # nested, unsorted
+        ([(0.0, 1.0), (1.0, 2.0)], 2.0),
+    ],
+)
+def test_busy_time_is_the_union_of_intervals(
+    intervals: list[tuple[float, float]], busy: float
+) -> None:
+    assert busy_time(intervals) == pytest.approx(busy)

@@ -218,6 +218,7 @@ async def _run(plan_list: list[Plan], tmp: Path) -> tuple[Log, list[Any], dict[s
         output_dir=tmp,
         record_retry_initial_s=0.005,
         record_retry_max_s=0.02,
+        prompt_cache_entries=0,  # the run step is replaced: no model call to cache
     )
     service = Service(cfg)
     log = Log()
@@ -372,7 +373,7 @@ def test_a_dead_letter_refused_for_its_size_goes_without_the_original(tmp_path: 
     assert header_str(headers, "dlq.error.reason") == "invalid_request"
 
 
-def test_stored_image_uris_follow_output_uri_base(tmp_path: Path) -> None:
+async def test_stored_image_uris_follow_output_uri_base(tmp_path: Path) -> None:
     cfg = dict(bootstrap_servers="127.0.0.1:1", triton_url="127.0.0.1:1", output_dir=tmp_path)
     plain = Service(load_settings(None, **cfg))
     path = plain._store("req-1", 0, b"png")
