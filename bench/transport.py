@@ -386,6 +386,8 @@ class Row:
     compute_output_ms: float
     #: every echoed input equalled what was sent (rounded to the wire dtype)
     round_trip_ok: bool
+    #: what the round-trip check found wrong (empty when ok)
+    problems: tuple[str, ...] = ()
     #: conditioning bytes that stayed resident (not moved) per timed call
     resident_bytes: int = 0
 
@@ -440,7 +442,9 @@ async def measure_cell(
     try:
         every = tuple(echo.echo_sources(cell.spec, cell.wire))
         bad = check_round_trip(cell, sets[0], await transport.infer(cell, sets[0], every))
-        for i in range(warmup):
+        # every input set at least once before timing, so conditioning that stays resident
+        # is staged before the timed calls (they check nothing is staged again)
+        for i in range(max(warmup, len(sets))):
             await transport.infer(cell, sets[i % 2], outputs)
         staged = getattr(transport, "staged", lambda: 0)
         staged_before = staged()
@@ -483,6 +487,7 @@ async def measure_cell(
         compute_infer_ms=per_call("compute_infer"),
         compute_output_ms=per_call("compute_output"),
         round_trip_ok=not bad,
+        problems=tuple(bad),
         resident_bytes=conditioning_bytes(cell) if getattr(transport, "resident", False) else 0,
     )
 
@@ -953,7 +958,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if prof is not None:
         lines += ["", *format_profile(prof)]
     print("\n".join(lines))
-    wrong = [format_row(r) for r in rows if not r.round_trip_ok]
+    wrong = [f"{format_row(r)}  <- {'; '.join(r.problems)}" for r in rows if not r.round_trip_ok]
     if args.json is not None:
         payload = {
             "date": when,
