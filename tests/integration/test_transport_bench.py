@@ -135,7 +135,8 @@ def test_smallest_run(
     text = capsys.readouterr().out
     assert code == 0, text
     data = json.loads(out.read_text())
-    transports = ("grpc", "grpc+shm")
+    transports = tuple(bench.TRANSPORTS)
+    assert set(transports) == {"grpc", "grpc+shm", "resident", "resident+grpc"}
     expected = {
         (shape, 2, wire, t) for shape in ("sd15", "sdxl") for wire in ITEMSIZE for t in transports
     } | {("tiny", 2, "fp32", t) for t in transports}
@@ -146,7 +147,12 @@ def test_smallest_run(
         assert r["round_trip_ok"], r
         bytes_in, bytes_out = expected_bytes(r["shape"], r["rows"], r["wire"])
         assert (r["bytes_in"], r["bytes_out"]) == (bytes_in, bytes_out)
-        assert r["grpc_bytes"] == (bytes_in + bytes_out if r["transport"] == "grpc" else 0)
+        if r["transport"] == "grpc":
+            assert r["grpc_bytes"] == bytes_in + bytes_out
+        elif r["transport"] == "resident+grpc":  # latents, timestep and noise_pred only
+            assert 0 < r["grpc_bytes"] < bytes_in + bytes_out
+        else:
+            assert r["grpc_bytes"] == 0
         assert r["remote"] == (r["transport"] == "grpc")
         assert r["calls"] == 3
         assert 0 < r["median_ms"] <= r["p95_ms"]
