@@ -53,7 +53,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -70,7 +69,7 @@ from tritonclient.utils import np_to_triton_dtype
 
 from orchestrator.adapters.triton import TritonClient
 from orchestrator.adapters.triton_server import TritonServer
-from orchestrator.adapters.triton_shm import RESIDENT_INPUTS
+from orchestrator.adapters.triton_shm import RESIDENT_INPUTS, cast, cast_into
 from orchestrator.core.batching import merge
 from orchestrator.domain import StageCall
 from orchestrator.models import echo
@@ -118,25 +117,6 @@ class Cell:
         return sum(declared[name].nbytes(self.rows) for name in outputs)
 
 
-def cast_into(dst: npt.NDArray[Any], src: npt.NDArray[Any]) -> None:
-    """Copy `src` into `dst`, casting to its dtype. Casts go through torch, whose fp32<->fp16
-    conversion is vectorised (F16C); numpy's takes 30-50 times as long (see the profile)."""
-    if dst.dtype == src.dtype:
-        np.copyto(dst, src)
-        return
-    with warnings.catch_warnings():
-        # gRPC answers are read-only arrays; torch warns on wrapping them, but only reads them
-        warnings.simplefilter("ignore", UserWarning)
-        torch.from_numpy(dst).copy_(torch.from_numpy(src))
-
-
-def cast(arr: npt.NDArray[Any], dtype: np.dtype[Any]) -> npt.NDArray[Any]:
-    """`arr` in `dtype` (itself when it already is)."""
-    if arr.dtype == dtype:
-        return arr
-    out = np.empty(arr.shape, dtype)
-    cast_into(out, arr)
-    return out
 
 
 def to_wire(cell: Cell, inputs: Arrays) -> dict[str, npt.NDArray[Any]]:
