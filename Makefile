@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-# PyTorch's CPU wheels (the default index would pull a multi-GB CUDA build). An extra index: where
-# pip's own configuration already offers the CPU build (find-links), that file is taken as before;
-# `make TORCH_INDEX_URL=` leaves it out.
+# PyTorch's CPU wheels (the default index would pull a multi-GB CUDA build). Used only when pip's
+# own configuration (find-links) does not already offer torch on disk, as it does on this
+# project's machines.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: venv test test-unit test-fast lint demo models clean
@@ -15,9 +15,11 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch: from pip's find-links where it lies on disk, else from TORCH_INDEX_URL
-	# (its `+cpu` local version sorts above the CUDA build of the same version on PyPI).
-	$(PY) -m pip install -q $(if $(TORCH_INDEX_URL),--extra-index-url $(TORCH_INDEX_URL)) torch==2.13.0
+	# The CPU build of torch: from pip's find-links where it lies on disk (no index asked), else
+	# from TORCH_INDEX_URL; then its dependencies from the usual index (2.13.0+cpu satisfies ==2.13.0).
+	$(PY) -m pip install -q --no-deps --no-index torch==2.13.0 2>/dev/null \
+	  || $(PY) -m pip install -q --no-deps --index-url $(TORCH_INDEX_URL) torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	# open_clip ships the real CLIP BPE vocabulary; its torchvision dependency is not needed.
 	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
