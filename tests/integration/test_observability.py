@@ -40,7 +40,9 @@ def _trace_of(spans: list[ReadableSpan], trace_id: int) -> list[ReadableSpan]:
 
 async def test_span_tree_links_and_continuity(kafka: Any, triton: Any) -> None:
     provider, exporter = _provider()
-    settings = make_settings(kafka, triton)
+    # one lockstep cohort: these 3 requests must share UNet calls (with two cohorts a request
+    # may have a cohort to itself); the links are the same code whatever the cohorts
+    settings = make_settings(kafka, triton, batch_cohorts=1)
     requests = [
         GenerationRequest(
             prompt=f"traced {i}", seed=i, steps=3 + i, scheduler="ddim", request_id=f"tr-{i}"
