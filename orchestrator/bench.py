@@ -404,14 +404,14 @@ async def kafka_sender(
         request_topic=f"bench-req-{tag}",
         response_topic=f"bench-resp-{tag}",
         dlq_topic=f"bench-dlq-{tag}",
+        progress_topic=f"bench-progress-{tag}",
+        control_topic=f"bench-control-{tag}",
         group_id=f"bench-{tag}",
         batching=mode,
         max_in_flight=max_in_flight,
         triton_timeout_s=timeout,
     )
-    await create_topics(
-        bootstrap, [settings.request_topic, settings.response_topic, settings.dlq_topic], 2
-    )
+    await create_topics(bootstrap, settings.service_topics(), 2)
     ready = asyncio.Event()
     service = Service(settings, on_ready=ready.set)
     # time the service's Triton calls (naive runner and batcher both call service.triton.infer)

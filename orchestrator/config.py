@@ -63,6 +63,16 @@ class Settings(BaseSettings):
     request_topic: str = "diffusion.requests"
     response_topic: str = "diffusion.responses"
     dlq_topic: str = "diffusion.requests.dlq"
+    progress_topic: str = Field(
+        "diffusion.progress",
+        description="where progress events (queued, started, step, finished, failed, "
+        "cancelled) go, keyed by request id; advisory: dropped rather than waited for",
+    )
+    control_topic: str = Field(
+        "diffusion.control",
+        description="where commands about requests (cancel) are read from; every instance "
+        "reads every partition",
+    )
     reply_topics: str = Field(
         "",
         description="comma-separated topics, besides response_topic, a request may name as its "
@@ -272,12 +282,26 @@ class Settings(BaseSettings):
             max_deadline_ahead_s=self.max_deadline_ahead_s,
         )
 
+    def service_topics(self) -> list[str]:
+        """Every topic the service reads or writes (the ones `orchestrator dev` creates)."""
+        return list(
+            dict.fromkeys(
+                [
+                    self.request_topic,
+                    self.response_topic,
+                    self.dlq_topic,
+                    self.progress_topic,
+                    self.control_topic,
+                ]
+            )
+        )
+
     def reply_topic_rule(self) -> ReplyTopicRule:
         return ReplyTopicRule.of(
             default=self.response_topic,
             exact=self.reply_topics,
             prefixes=self.reply_topic_prefixes,
-            forbidden=(self.request_topic, self.dlq_topic),
+            forbidden=(self.request_topic, self.dlq_topic, self.progress_topic, self.control_topic),
         )
 
     def limits(self) -> Limits:

@@ -139,7 +139,7 @@ class DevStack:
     async def create_topics(self, settings: Settings) -> None:
         await create_topics(
             self.broker.bootstrap_servers,
-            [settings.request_topic, settings.response_topic, settings.dlq_topic],
+            settings.service_topics(),
             partitions=self.partitions,
         )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -11,6 +12,38 @@ import numpy as np
 import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float32]
+
+
+class Priority(enum.StrEnum):
+    """Admission class of a request: among records fetched and not started, higher first."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """0 for high, 1 for normal, 2 for low."""
+        return _PRIORITY_RANK[self]
+
+
+_PRIORITY_RANK = {Priority.HIGH: 0, Priority.NORMAL: 1, Priority.LOW: 2}
+
+
+class JobEvent(enum.StrEnum):
+    """What a progress event says happened to a request."""
+
+    QUEUED = "queued"
+    STARTED = "started"
+    STEP = "step"
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True for the events that end a request (finished, failed, cancelled)."""
+        return self in (JobEvent.FINISHED, JobEvent.FAILED, JobEvent.CANCELLED)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +67,10 @@ class GenerationRequest:
     #: absolute deadline, seconds since the epoch; None means no deadline
     deadline: float | None = None
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: admission class, a Priority value (validated with the request)
+    priority: str = "normal"
+    #: send previews of the latents with the progress events
+    preview: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

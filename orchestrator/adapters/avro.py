@@ -41,8 +41,15 @@ HEADER_SIZE: Final = 5
 NAMESPACE: Final = "ai.orchestrator.v1"
 REQUEST_SCHEMA: Final = f"{NAMESPACE}.GenerationRequest"
 RESULT_SCHEMA: Final = f"{NAMESPACE}.GenerationResult"
+PROGRESS_SCHEMA: Final = f"{NAMESPACE}.ProgressEvent"
+CONTROL_SCHEMA: Final = f"{NAMESPACE}.ControlCommand"
 #: the record types this codec reads and writes
-RECORD_TYPES: Final = (REQUEST_SCHEMA, RESULT_SCHEMA)
+RECORD_TYPES: Final = (REQUEST_SCHEMA, RESULT_SCHEMA, PROGRESS_SCHEMA, CONTROL_SCHEMA)
+#: the outcomes a result record carries (a failure is a dead letter, not a result)
+OUTCOME_SUCCEEDED: Final = "succeeded"
+OUTCOME_CANCELLED: Final = "cancelled"
+#: the commands a control record carries
+COMMAND_CANCEL: Final = "cancel"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +116,45 @@ class GenerationResultRecord:
     model_versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
     prompt_truncated: bool = False
     metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: OUTCOME_SUCCEEDED, or OUTCOME_CANCELLED (then no images)
+    outcome: str = OUTCOME_SUCCEEDED
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviewRecord:
+    """A small image of a job's current latents, carried by a progress event."""
+
+    index: int
+    width: int
+    height: int
+    media_type: str
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressEventRecord:
+    """One event of a request's life on the progress topic (``event`` is a JobEvent value)."""
+
+    request_id: str
+    event: str
+    timestamp_ms: int
+    step: int = 0
+    steps: int = 0
+    elapsed_ms: float = 0.0
+    reason: str | None = None
+    message: str | None = None
+    previews: tuple[PreviewRecord, ...] = ()
+    queue_position: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlCommandRecord:
+    """A command about one request on the control topic (today: ``cancel``)."""
+
+    command: str
+    request_id: str
+    issued_ms: int
+    reason: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,6 +329,8 @@ class AvroCodec:
                 "reply_topic": reply_topic,
                 "deadline_ms": deadline_ms,
                 "metadata": dict(request.metadata),
+                "priority": request.priority,
+                "preview": bool(request.preview),
             },
         )
 
@@ -306,6 +354,8 @@ class AvroCodec:
                 strength=_float(datum["strength"]),
                 deadline=None if deadline_ms is None else _int(deadline_ms) / 1000.0,
                 metadata=_str_map(datum["metadata"]),
+                priority=_str(datum["priority"]),
+                preview=_bool(datum["preview"]),
             )
             reply_topic = datum["reply_topic"]
             if reply_topic is not None:
@@ -339,6 +389,7 @@ class AvroCodec:
                 "model_versions": dict(result.model_versions),
                 "prompt_truncated": result.prompt_truncated,
                 "metadata": dict(result.metadata),
+                "outcome": result.outcome,
             },
         )
 
@@ -363,9 +414,92 @@ class AvroCodec:
                 model_versions=_str_map(datum["model_versions"]),
                 prompt_truncated=bool(datum["prompt_truncated"]),
                 metadata=_str_map(datum["metadata"]),
+                outcome=_str(datum["outcome"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DecodeError(f"result (schema id {schema_id}) has a bad shape: {exc}") from exc
+
+    # -- progress events and control commands ------------------------------------------------
+
+    def encode_progress(self, event: ProgressEventRecord) -> bytes:
+        return self.encode(
+            PROGRESS_SCHEMA,
+            {
+                "request_id": event.request_id,
+                "event": event.event,
+                "timestamp_ms": int(event.timestamp_ms),
+                "step": int(event.step),
+                "steps": int(event.steps),
+                "elapsed_ms": float(event.elapsed_ms),
+                "reason": event.reason,
+                "message": event.message,
+                "previews": [
+                    {
+                        "index": p.index,
+                        "width": p.width,
+                        "height": p.height,
+                        "media_type": p.media_type,
+                        "data": p.data,
+                    }
+                    for p in event.previews
+                ],
+                "queue_position": event.queue_position,
+            },
+        )
+
+    def decode_progress(self, data: bytes) -> ProgressEventRecord:
+        datum, schema_id = self.decode(PROGRESS_SCHEMA, data)
+        try:
+            return ProgressEventRecord(
+                request_id=_str(datum["request_id"]),
+                event=_str(datum["event"]),
+                timestamp_ms=_int(datum["timestamp_ms"]),
+                step=_int(datum["step"]),
+                steps=_int(datum["steps"]),
+                elapsed_ms=_float(datum["elapsed_ms"]),
+                reason=_opt_str(datum["reason"]),
+                message=_opt_str(datum["message"]),
+                previews=tuple(
+                    PreviewRecord(
+                        index=_int(p["index"]),
+                        width=_int(p["width"]),
+                        height=_int(p["height"]),
+                        media_type=_str(p["media_type"]),
+                        data=_bytes(p["data"]),
+                    )
+                    for p in datum["previews"]
+                ),
+                queue_position=_opt_int(datum["queue_position"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DecodeError(
+                f"progress event (schema id {schema_id}) has a bad shape: {exc}"
+            ) from exc
+
+    def encode_control(self, command: ControlCommandRecord) -> bytes:
+        return self.encode(
+            CONTROL_SCHEMA,
+            {
+                "command": command.command,
+                "request_id": command.request_id,
+                "issued_ms": int(command.issued_ms),
+                "reason": command.reason,
+            },
+        )
+
+    def decode_control(self, data: bytes) -> ControlCommandRecord:
+        datum, schema_id = self.decode(CONTROL_SCHEMA, data)
+        try:
+            return ControlCommandRecord(
+                command=_str(datum["command"]),
+                request_id=_str(datum["request_id"]),
+                issued_ms=_int(datum["issued_ms"]),
+                reason=_opt_str(datum["reason"]),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DecodeError(
+                f"control command (schema id {schema_id}) has a bad shape: {exc}"
+            ) from exc
 
 
 def _parse_writer(schema_id: int, raw: Any) -> Any:
@@ -416,6 +550,22 @@ def _opt_int(value: Any) -> int | None:
     return None if value is None else _int(value)
 
 
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"expected a boolean, got {type(value).__name__}")
+    return value
+
+
+def _bytes(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    return value
+
+
 def _float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"expected a number, got {type(value).__name__}")
@@ -437,15 +587,23 @@ def _str_map(value: Any) -> dict[str, str]:
 
 
 __all__: Sequence[str] = (
+    "COMMAND_CANCEL",
+    "CONTROL_SCHEMA",
     "HEADER_SIZE",
     "MAGIC_BYTE",
+    "OUTCOME_CANCELLED",
+    "OUTCOME_SUCCEEDED",
+    "PROGRESS_SCHEMA",
     "RECORD_TYPES",
     "REQUEST_SCHEMA",
     "RESULT_SCHEMA",
     "AvroCodec",
+    "ControlCommandRecord",
     "DecodedRequest",
     "GenerationResultRecord",
     "ImageRecord",
+    "PreviewRecord",
+    "ProgressEventRecord",
     "SchemaNotLoaded",
     "frame",
     "make_codec",

@@ -16,7 +16,7 @@ import dataclasses
 import re
 from collections.abc import Iterable
 
-from orchestrator.domain import GenerationRequest
+from orchestrator.domain import GenerationRequest, Priority
 from orchestrator.errors import ReplyTopicNotAllowed, ValidationError
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+=-]*")
@@ -36,6 +36,9 @@ class EnvelopeLimits:
     max_deadline_ahead_s: float = 7 * 24 * 3600.0
 
 
+_PRIORITIES = frozenset(p.value for p in Priority)
+
+
 def check_envelope(request: GenerationRequest, limits: EnvelopeLimits, now: float) -> None:
     """Raise :class:`ValidationError` naming the field when the envelope is out of bounds."""
     rid = request.request_id
@@ -51,6 +54,11 @@ def check_envelope(request: GenerationRequest, limits: EnvelopeLimits, now: floa
             "request_id",
             f"{rid[:40]!r} must start with a letter or digit and use only letters, digits "
             "and . _ : @ + = -",
+        )
+    if request.priority not in _PRIORITIES:
+        raise ValidationError(
+            "priority",
+            f"{request.priority[:40]!r} is not one of {', '.join(sorted(_PRIORITIES))}",
         )
     metadata = request.metadata
     if len(metadata) > limits.max_metadata_entries:

@@ -40,7 +40,7 @@ async def running_service(
 ) -> AsyncIterator[Service]:
     await create_topics(
         settings.bootstrap_servers,
-        [settings.request_topic, settings.response_topic, settings.dlq_topic],
+        settings.service_topics(),
         partitions=partitions,
     )
     ready = asyncio.Event()

@@ -16,11 +16,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator.adapters.avro import (
+    CONTROL_SCHEMA,
+    OUTCOME_CANCELLED,
+    PROGRESS_SCHEMA,
     REQUEST_SCHEMA,
     RESULT_SCHEMA,
     AvroCodec,
+    ControlCommandRecord,
     GenerationResultRecord,
     ImageRecord,
+    PreviewRecord,
+    ProgressEventRecord,
     frame,
 )
 from orchestrator.adapters.schema_registry import (
@@ -53,6 +59,8 @@ FULL_REQUEST = GenerationRequest(
     request_id="req-42",
     deadline=1_700_000_123.456,
     metadata={"tenant": "t1", "trace": "abc"},
+    priority="high",
+    preview=True,
 )
 
 
@@ -63,14 +71,31 @@ ID_HISTORY = {
     2: (REQUEST_SCHEMA, "64b33e2a21b66d7519409e00a9778106f83b726e6a79e296c0256f412a0fd52d"),
     3: (RESULT_SCHEMA, "ca9e7388c8e9a1aa6e50022e7a470f0c09febbddb5b903fb71a9abdeb626f452"),
     4: (FAILURE_SCHEMA, "958c3ba96168b1741dd506ac97ff0b6f47dba581af32a82fab749a96d6dfb4a1"),
+    5: (PROGRESS_SCHEMA, "2452fb6fe75e37398dee02c02723d364625bb5763d383c48e86a7bf64648a3f7"),
+    6: (CONTROL_SCHEMA, "8694a34bb90f57f742d32d34db277b359ed9d4dff78f9b623805ef5f967980cd"),
+    7: (REQUEST_SCHEMA, "c8cfcfed013101f99e61531f0a98fc77641bcd6bb3faadd09ccec10193504abd"),
+    8: (RESULT_SCHEMA, "64f32c4ae147bc94d2d5e715e55f1fdbd874373136cceeddba5ec2779d69315a"),
 }
 
 
 async def test_schema_ids_are_stable() -> None:
     directory = LocalSchemaDirectory()
-    assert directory.ids == {1: REQUEST_SCHEMA, 2: REQUEST_SCHEMA, 3: RESULT_SCHEMA}
+    assert directory.ids == {
+        1: REQUEST_SCHEMA,
+        2: REQUEST_SCHEMA,
+        3: RESULT_SCHEMA,
+        5: PROGRESS_SCHEMA,
+        6: CONTROL_SCHEMA,
+        7: REQUEST_SCHEMA,
+        8: RESULT_SCHEMA,
+    }
     assert directory.retired_ids == {4: FAILURE_SCHEMA}
-    assert await AvroCodec().prepare() == {REQUEST_SCHEMA: 2, RESULT_SCHEMA: 3}
+    assert await AvroCodec().prepare() == {
+        REQUEST_SCHEMA: 7,
+        RESULT_SCHEMA: 8,
+        PROGRESS_SCHEMA: 5,
+        CONTROL_SCHEMA: 6,
+    }
 
 
 def test_no_schema_id_is_ever_reused() -> None:
@@ -127,11 +152,11 @@ async def test_resolve_with_local_ids() -> None:
 def test_request_round_trip() -> None:
     data = CODEC.encode_request(FULL_REQUEST, reply_topic="replies")
     assert data[0] == 0
-    assert struct.unpack(">I", data[1:5]) == (2,)
+    assert struct.unpack(">I", data[1:5]) == (7,)
     decoded = CODEC.decode_request_record(data)
     assert decoded.request == FULL_REQUEST
     assert decoded.reply_topic == "replies"
-    assert decoded.schema_id == 2
+    assert decoded.schema_id == 7
 
 
 def test_request_defaults_round_trip() -> None:
@@ -177,6 +202,85 @@ def test_v1_writer_is_read_by_current_reader() -> None:
         init_image=None,
         strength=0.8,
     )
+
+
+def _write_with(schema_id: int, datum: dict[str, object]) -> bytes:
+    schema = fastavro.parse_schema(LocalSchemaDirectory().schema(schema_id))
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, schema, datum)
+    return frame(schema_id, buffer.getvalue())
+
+
+def test_v2_writer_gets_normal_priority_and_no_preview() -> None:
+    """A v2 request (id 2, before priority and preview) reads with their defaults."""
+    v2 = {
+        "request_id": "v2-1",
+        "prompt": "p",
+        "negative_prompt": "",
+        "width": None,
+        "height": None,
+        "steps": 5,
+        "guidance_scale": 7.5,
+        "scheduler": "pndm",
+        "seed": 1,
+        "num_images": 1,
+        "init_image": None,
+        "strength": 0.8,
+        "reply_topic": "diffusion.replies.x",
+        "deadline_ms": None,
+        "metadata": {},
+    }
+    decoded = CODEC.decode_request_record(_write_with(2, v2))
+    assert decoded.schema_id == 2
+    assert decoded.reply_topic == "diffusion.replies.x"
+    assert decoded.request.priority == "normal"
+    assert decoded.request.preview is False
+
+
+def test_v1_result_reads_as_succeeded_and_cancelled_round_trips() -> None:
+    v1 = {
+        "request_id": "r",
+        "images": [],
+        "seed": 3,
+        "timings_ms": {},
+        "model_versions": {},
+        "prompt_truncated": False,
+        "metadata": {},
+    }
+    assert CODEC.decode_result(_write_with(3, v1)).outcome == "succeeded"
+    cancelled = GenerationResultRecord(request_id="r", images=(), seed=3, outcome=OUTCOME_CANCELLED)
+    data = CODEC.encode_result(cancelled)
+    assert struct.unpack(">I", data[1:5]) == (8,)
+    assert CODEC.decode_result(data) == cancelled
+
+
+def test_progress_event_round_trip() -> None:
+    event = ProgressEventRecord(
+        request_id="req-1",
+        event="step",
+        timestamp_ms=1_800_000_000_123,
+        step=3,
+        steps=20,
+        elapsed_ms=41.5,
+        previews=(PreviewRecord(0, 32, 32, "image/jpeg", b"\xff\xd8 jpeg"),),
+    )
+    data = CODEC.encode_progress(event)
+    assert struct.unpack(">I", data[1:5]) == (5,)
+    assert CODEC.decode_progress(data) == event
+    failed = ProgressEventRecord(
+        "req-2", "failed", 1, reason="deadline_exceeded", message="late", queue_position=4
+    )
+    assert CODEC.decode_progress(CODEC.encode_progress(failed)) == failed
+
+
+def test_control_command_round_trip_and_wrong_topic() -> None:
+    command = ControlCommandRecord("cancel", "req-1", 1_800_000_000_000, reason="user")
+    data = CODEC.encode_control(command)
+    assert struct.unpack(">I", data[1:5]) == (6,)
+    assert CODEC.decode_control(data) == command
+    # a control record read as a request names the mix-up
+    with pytest.raises(DecodeError, match="ControlCommand record sent to the wrong topic"):
+        CODEC.decode_request(data)
 
 
 def test_result_round_trip_with_png() -> None:

@@ -17,6 +17,8 @@ import pytest
 import trustme
 
 from orchestrator.adapters.avro import (
+    CONTROL_SCHEMA,
+    PROGRESS_SCHEMA,
     REQUEST_SCHEMA,
     RESULT_SCHEMA,
     AvroCodec,
@@ -296,7 +298,12 @@ async def test_codec_through_the_registry_resolves_then_decodes_without_io(
 ) -> None:
     writer = AvroCodec(client(server))
     ids = await writer.prepare()
-    assert ids == {REQUEST_SCHEMA: 100, RESULT_SCHEMA: 101}
+    assert ids == {
+        REQUEST_SCHEMA: 100,
+        RESULT_SCHEMA: 101,
+        PROGRESS_SCHEMA: 102,
+        CONTROL_SCHEMA: 103,
+    }
     data = writer.encode_request(REQUEST, reply_topic="replies")
     assert struct.unpack(">I", data[1:5]) == (100,)
     reader = AvroCodec(client(server))
@@ -335,7 +342,12 @@ async def test_make_codec_builds_the_registry_from_settings(
     codec = make_codec(settings)
     assert isinstance(codec.registry, HttpSchemaRegistry)
     assert codec.registry.timeout_s == 2.5 and codec.registry.negative_ttl_s == 12
-    assert await codec.prepare() == {REQUEST_SCHEMA: 100, RESULT_SCHEMA: 101}
+    assert await codec.prepare() == {
+        REQUEST_SCHEMA: 100,
+        RESULT_SCHEMA: 101,
+        PROGRESS_SCHEMA: 102,
+        CONTROL_SCHEMA: 103,
+    }
     await codec.aclose()
     assert isinstance(make_codec(load_settings(None)).registry, LocalSchemaDirectory)
     with pytest.raises(ValueError, match="both a user name and a password"):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from orchestrator.core.envelope import EnvelopeLimits, check_envelope
 from orchestrator.core.pipeline import start_job
 from orchestrator.core.validation import Limits
 from orchestrator.domain import GenerationRequest, ModelInfo
@@ -191,3 +192,18 @@ def test_guidance_needs_two_rows_in_the_text_encoder_call() -> None:
     assert info.value.field == "guidance_scale"
     assert "needs 2 rows in one encode_prompt call" in str(info.value)
     assert start_job(dataclasses.replace(GOOD, guidance_scale=1.0), one_row).n == 1
+
+
+@pytest.mark.parametrize("priority", ["high", "normal", "low"])
+def test_the_three_priorities_pass_the_envelope(priority: str) -> None:
+    request = dataclasses.replace(GOOD, request_id="r-1", priority=priority)
+    check_envelope(request, EnvelopeLimits(), now=1_800_000_000.0)
+
+
+@pytest.mark.parametrize("priority", ["urgent", "HIGH", "", "low "])
+def test_an_unknown_priority_is_refused_naming_the_field(priority: str) -> None:
+    request = dataclasses.replace(GOOD, request_id="r-1", priority=priority)
+    with pytest.raises(ValidationError) as info:
+        check_envelope(request, EnvelopeLimits(), now=1_800_000_000.0)
+    assert info.value.field == "priority"
+    assert "high, low, normal" in str(info.value)
