@@ -24,13 +24,14 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 import fastavro
+import numpy as np
 
 from orchestrator.adapters.schema_registry import (
     HttpSchemaRegistry,
     LocalSchemaDirectory,
     SchemaRegistry,
 )
-from orchestrator.domain import GenerationRequest
+from orchestrator.domain import FloatArray, GenerationRequest
 from orchestrator.errors import DecodeError
 
 if TYPE_CHECKING:
@@ -43,8 +44,23 @@ REQUEST_SCHEMA: Final = f"{NAMESPACE}.GenerationRequest"
 RESULT_SCHEMA: Final = f"{NAMESPACE}.GenerationResult"
 PROGRESS_SCHEMA: Final = f"{NAMESPACE}.ProgressEvent"
 CONTROL_SCHEMA: Final = f"{NAMESPACE}.ControlCommand"
+#: hand-offs between stage roles: encode -> denoise, denoise -> decode
+ENCODED_SCHEMA: Final = f"{NAMESPACE}.EncodedRequest"
+DENOISED_SCHEMA: Final = f"{NAMESPACE}.DenoisedLatents"
 #: the record types this codec reads and writes
-RECORD_TYPES: Final = (REQUEST_SCHEMA, RESULT_SCHEMA, PROGRESS_SCHEMA, CONTROL_SCHEMA)
+RECORD_TYPES: Final = (
+    REQUEST_SCHEMA,
+    RESULT_SCHEMA,
+    PROGRESS_SCHEMA,
+    CONTROL_SCHEMA,
+    ENCODED_SCHEMA,
+    DENOISED_SCHEMA,
+)
+#: dtype name on the wire -> numpy dtype (little endian) of a hand-off tensor
+TENSOR_DTYPES: Final[Mapping[str, np.dtype[Any]]] = {
+    "float16": np.dtype("<f2"),
+    "float32": np.dtype("<f4"),
+}
 #: the outcomes a result record carries (a failure is a dead letter, not a result)
 OUTCOME_SUCCEEDED: Final = "succeeded"
 OUTCOME_CANCELLED: Final = "cancelled"
@@ -155,6 +171,41 @@ class ControlCommandRecord:
     request_id: str
     issued_ms: int
     reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncodedRequestRecord:
+    """encode role -> denoise role (EncodedRequest): the request, its text embeddings and, for
+    img2img, the latents its denoising starts from; `orchestrator.core.roles.job_from_encoded`
+    resumes from it."""
+
+    #: width and height resolved (never None); init_image None (its latents travel instead)
+    request: GenerationRequest
+    #: float32, [negative, positive] when guided else [positive]: one row per prompt
+    text_embeds: FloatArray
+    #: img2img: the latents denoising starts from (scaled, repeated, noised), one per image;
+    #: None for text-to-image (the denoise role draws the seed's noise)
+    init_latents: FloatArray | None = None
+    prompt_truncated: bool = False
+    reply_topic: str | None = None
+    timings_ms: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    model_versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DenoisedLatentsRecord:
+    """denoise role -> decode role (DenoisedLatents): the final latents and what the answer
+    needs; `orchestrator.core.roles.job_from_denoised` resumes from it."""
+
+    #: width and height resolved (never None); init_image None
+    request: GenerationRequest
+    #: float32, [num_images, channels, height / f, width / f], before 1 / scaling_factor
+    latents: FloatArray
+    prompt_truncated: bool = False
+    unet_calls: int = 0
+    reply_topic: str | None = None
+    timings_ms: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    model_versions: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,6 +552,182 @@ class AvroCodec:
                 f"control command (schema id {schema_id}) has a bad shape: {exc}"
             ) from exc
 
+    # -- hand-offs between stage roles ---------------------------------------------------------
+
+    def encode_encoded(self, record: EncodedRequestRecord) -> bytes:
+        """An EncodedRequest record (encode role -> denoise role)."""
+        return self.encode(
+            ENCODED_SCHEMA,
+            {
+                **_handoff_request_datum(record.request),
+                "reply_topic": record.reply_topic,
+                "prompt_truncated": bool(record.prompt_truncated),
+                "text_embeds": tensor_datum(record.text_embeds),
+                "init_latents": (
+                    None if record.init_latents is None else tensor_datum(record.init_latents)
+                ),
+                "timings_ms": {k: float(v) for k, v in record.timings_ms.items()},
+                "model_versions": dict(record.model_versions),
+            },
+        )
+
+    def decode_encoded(self, data: bytes) -> EncodedRequestRecord:
+        """Decode an EncodedRequest; DecodeError naming the field for a bad tensor."""
+        datum, schema_id = self.decode(ENCODED_SCHEMA, data)
+        what = f"EncodedRequest (schema id {schema_id})"
+        try:
+            request = _handoff_request(datum)
+            text_embeds = tensor_from_datum(datum["text_embeds"], "text_embeds", ndim=3)
+            init_latents = None
+            if datum["init_latents"] is not None:
+                init_latents = tensor_from_datum(datum["init_latents"], "init_latents", ndim=4)
+                if init_latents.shape[0] != request.num_images:
+                    raise DecodeError(
+                        f"init_latents: {init_latents.shape[0]} rows for num_images "
+                        f"{request.num_images}"
+                    )
+            return EncodedRequestRecord(
+                request=request,
+                text_embeds=text_embeds,
+                init_latents=init_latents,
+                prompt_truncated=_bool(datum["prompt_truncated"]),
+                reply_topic=_opt_str(datum["reply_topic"]),
+                timings_ms={_str(k): _float(v) for k, v in datum["timings_ms"].items()},
+                model_versions=_str_map(datum["model_versions"]),
+            )
+        except DecodeError as exc:
+            raise DecodeError(f"{what}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DecodeError(f"{what} has a bad shape: {exc}") from exc
+
+    def encode_denoised(self, record: DenoisedLatentsRecord) -> bytes:
+        """A DenoisedLatents record (denoise role -> decode role)."""
+        return self.encode(
+            DENOISED_SCHEMA,
+            {
+                **_handoff_request_datum(record.request),
+                "reply_topic": record.reply_topic,
+                "prompt_truncated": bool(record.prompt_truncated),
+                "unet_calls": int(record.unet_calls),
+                "latents": tensor_datum(record.latents),
+                "timings_ms": {k: float(v) for k, v in record.timings_ms.items()},
+                "model_versions": dict(record.model_versions),
+            },
+        )
+
+    def decode_denoised(self, data: bytes) -> DenoisedLatentsRecord:
+        """Decode a DenoisedLatents; DecodeError naming the field for a bad tensor."""
+        datum, schema_id = self.decode(DENOISED_SCHEMA, data)
+        what = f"DenoisedLatents (schema id {schema_id})"
+        try:
+            request = _handoff_request(datum)
+            latents = tensor_from_datum(datum["latents"], "latents", ndim=4)
+            if latents.shape[0] != request.num_images:
+                raise DecodeError(
+                    f"latents: {latents.shape[0]} rows for num_images {request.num_images}"
+                )
+            return DenoisedLatentsRecord(
+                request=request,
+                latents=latents,
+                prompt_truncated=_bool(datum["prompt_truncated"]),
+                unet_calls=_int(datum["unet_calls"]),
+                reply_topic=_opt_str(datum["reply_topic"]),
+                timings_ms={_str(k): _float(v) for k, v in datum["timings_ms"].items()},
+                model_versions=_str_map(datum["model_versions"]),
+            )
+        except DecodeError as exc:
+            raise DecodeError(f"{what}: {exc}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DecodeError(f"{what} has a bad shape: {exc}") from exc
+
+
+def tensor_datum(array: FloatArray) -> dict[str, Any]:
+    """A hand-off Tensor datum: float16 when that loses nothing (every value is a float16, as
+    an fp16 model's outputs are), else float32; C order, little endian."""
+    wide = np.ascontiguousarray(array, dtype="<f4")
+    narrow = wide.astype("<f2")
+    lossless = np.array_equal(narrow.astype("<f4"), wide, equal_nan=True)
+    chosen = narrow if lossless else wide
+    return {
+        "dtype": "float16" if lossless else "float32",
+        "shape": [int(d) for d in chosen.shape],
+        "data": chosen.tobytes(order="C"),
+    }
+
+
+def tensor_from_datum(datum: Any, field: str, *, ndim: int) -> FloatArray:
+    """A float32 array (a private, writable copy) from a Tensor datum; DecodeError naming
+    `field` for an unknown dtype, a bad shape or a byte count that does not match it."""
+    if not isinstance(datum, Mapping):
+        raise DecodeError(f"{field}: expected a Tensor record, got {type(datum).__name__}")
+    dtype_name = datum.get("dtype")
+    dtype = TENSOR_DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+    if dtype is None:
+        raise DecodeError(f"{field}: dtype {dtype_name!r} is not one of {', '.join(TENSOR_DTYPES)}")
+    shape = datum.get("shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != ndim
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape)
+    ):
+        raise DecodeError(f"{field}: shape {shape!r} is not {ndim} positive dimensions")
+    data = datum.get("data")
+    if not isinstance(data, bytes):
+        raise DecodeError(f"{field}: data is {type(data).__name__}, expected bytes")
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise DecodeError(
+            f"{field}: {len(data)} bytes of data, expected {expected} for {dtype_name} "
+            f"{tuple(shape)}"
+        )
+    out: FloatArray = np.frombuffer(data, dtype=dtype).reshape(shape).astype(np.float32)
+    return out
+
+
+def _handoff_request_datum(request: GenerationRequest) -> dict[str, Any]:
+    """The request fields both hand-off records carry (no init image; size resolved)."""
+    if request.width is None or request.height is None:
+        raise ValueError("a hand-off record needs the resolved width and height")
+    deadline_ms = None if request.deadline is None else round(request.deadline * 1000)
+    return {
+        "request_id": request.request_id,
+        "prompt": request.prompt,
+        "negative_prompt": request.negative_prompt,
+        "width": request.width,
+        "height": request.height,
+        "steps": request.steps,
+        "guidance_scale": float(request.guidance_scale),
+        "scheduler": request.scheduler,
+        "seed": request.seed,
+        "num_images": request.num_images,
+        "strength": float(request.strength),
+        "deadline_ms": deadline_ms,
+        "metadata": dict(request.metadata),
+        "priority": request.priority,
+        "preview": bool(request.preview),
+    }
+
+
+def _handoff_request(datum: Mapping[str, Any]) -> GenerationRequest:
+    deadline_ms = datum["deadline_ms"]
+    return GenerationRequest(
+        request_id=_str(datum["request_id"]),
+        prompt=_str(datum["prompt"]),
+        negative_prompt=_str(datum["negative_prompt"]),
+        width=_int(datum["width"]),
+        height=_int(datum["height"]),
+        steps=_int(datum["steps"]),
+        guidance_scale=_float(datum["guidance_scale"]),
+        scheduler=_str(datum["scheduler"]),
+        seed=_int(datum["seed"]),
+        num_images=_int(datum["num_images"]),
+        strength=_float(datum["strength"]),
+        deadline=None if deadline_ms is None else _int(deadline_ms) / 1000.0,
+        metadata=_str_map(datum["metadata"]),
+        priority=_str(datum["priority"]),
+        preview=_bool(datum["preview"]),
+    )
+
 
 def _parse_writer(schema_id: int, raw: Any) -> Any:
     try:
@@ -589,6 +816,8 @@ def _str_map(value: Any) -> dict[str, str]:
 __all__: Sequence[str] = (
     "COMMAND_CANCEL",
     "CONTROL_SCHEMA",
+    "DENOISED_SCHEMA",
+    "ENCODED_SCHEMA",
     "HEADER_SIZE",
     "MAGIC_BYTE",
     "OUTCOME_CANCELLED",
@@ -600,6 +829,8 @@ __all__: Sequence[str] = (
     "AvroCodec",
     "ControlCommandRecord",
     "DecodedRequest",
+    "DenoisedLatentsRecord",
+    "EncodedRequestRecord",
     "GenerationResultRecord",
     "ImageRecord",
     "PreviewRecord",
@@ -608,5 +839,7 @@ __all__: Sequence[str] = (
     "frame",
     "make_codec",
     "schema_id_of",
+    "tensor_datum",
+    "tensor_from_datum",
     "unframe",
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -17,12 +18,16 @@ from hypothesis import strategies as st
 
 from orchestrator.adapters.avro import (
     CONTROL_SCHEMA,
+    DENOISED_SCHEMA,
+    ENCODED_SCHEMA,
     OUTCOME_CANCELLED,
     PROGRESS_SCHEMA,
     REQUEST_SCHEMA,
     RESULT_SCHEMA,
     AvroCodec,
     ControlCommandRecord,
+    DenoisedLatentsRecord,
+    EncodedRequestRecord,
     GenerationResultRecord,
     ImageRecord,
     PreviewRecord,
@@ -75,6 +80,8 @@ ID_HISTORY = {
     6: (CONTROL_SCHEMA, "8694a34bb90f57f742d32d34db277b359ed9d4dff78f9b623805ef5f967980cd"),
     7: (REQUEST_SCHEMA, "c8cfcfed013101f99e61531f0a98fc77641bcd6bb3faadd09ccec10193504abd"),
     8: (RESULT_SCHEMA, "64f32c4ae147bc94d2d5e715e55f1fdbd874373136cceeddba5ec2779d69315a"),
+    9: (ENCODED_SCHEMA, "4cac51e47275f6f03faf3aaef1de155d704f257dbdb1718fe978cf05633b4eb5"),
+    10: (DENOISED_SCHEMA, "527c07a149780fe3b5d5a236d0d5ad9131ce623c3280367e05321d75c9a22360"),
 }
 
 
@@ -88,6 +95,8 @@ async def test_schema_ids_are_stable() -> None:
         6: CONTROL_SCHEMA,
         7: REQUEST_SCHEMA,
         8: RESULT_SCHEMA,
+        9: ENCODED_SCHEMA,
+        10: DENOISED_SCHEMA,
     }
     assert directory.retired_ids == {4: FAILURE_SCHEMA}
     assert await AvroCodec().prepare() == {
@@ -95,6 +104,8 @@ async def test_schema_ids_are_stable() -> None:
         RESULT_SCHEMA: 8,
         PROGRESS_SCHEMA: 5,
         CONTROL_SCHEMA: 6,
+        ENCODED_SCHEMA: 9,
+        DENOISED_SCHEMA: 10,
     }
 
 
@@ -392,3 +403,131 @@ def test_edited_schema_file_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps(schema))
     with pytest.raises(ValueError, match="immutable"):
         LocalSchemaDirectory(copy)
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-offs between stage roles
+
+HANDOFF_REQUEST = GenerationRequest(
+    prompt="a lighthouse at dusk",
+    negative_prompt="blurry",
+    seed=2**40 + 3,
+    steps=30,
+    scheduler="euler_a",
+    guidance_scale=6.25,
+    width=512,
+    height=768,
+    num_images=2,
+    strength=0.55,
+    request_id="req-42",
+    deadline=1_700_000_123.456,
+    metadata={"tenant": "t1"},
+    priority="high",
+    preview=True,
+)
+
+
+def test_encoded_request_round_trips_with_float16_only_where_lossless() -> None:
+    rng = np.random.default_rng(1)
+    half = rng.standard_normal((2, 77, 32), dtype=np.float32).astype(np.float16)
+    embeds = half.astype(np.float32)  # an fp16 encoder's values: float16 on the wire
+    init = rng.standard_normal((2, 4, 96, 64), dtype=np.float32)  # not fp16-exact: float32
+    record = EncodedRequestRecord(
+        request=HANDOFF_REQUEST,
+        text_embeds=embeds,
+        init_latents=init,
+        prompt_truncated=True,
+        reply_topic="replies",
+        timings_ms={"encode_prompt": 12.5},
+        model_versions={"text_encoder": "3"},
+    )
+    data = CODEC.encode_encoded(record)
+    back = CODEC.decode_encoded(data)
+    assert back.request == HANDOFF_REQUEST
+    assert back.text_embeds.dtype == np.float32 and np.array_equal(back.text_embeds, embeds)
+    assert back.init_latents is not None and np.array_equal(back.init_latents, init)
+    assert back.init_latents.flags.writeable
+    assert (back.prompt_truncated, back.reply_topic) == (True, "replies")
+    assert back.timings_ms == {"encode_prompt": 12.5}
+    assert back.model_versions == {"text_encoder": "3"}
+    # embeddings at 2 bytes a value, latents at 4
+    assert len(data) > embeds.size * 2 + init.size * 4
+    assert len(data) < embeds.size * 4 + init.size * 4
+    txt2img = CODEC.decode_encoded(
+        CODEC.encode_encoded(dataclasses.replace(record, init_latents=None))
+    )
+    assert txt2img.init_latents is None
+
+
+def test_denoised_latents_round_trip() -> None:
+    latents = np.random.default_rng(2).standard_normal((2, 4, 96, 64), dtype=np.float32)
+    record = DenoisedLatentsRecord(
+        request=HANDOFF_REQUEST, latents=latents, prompt_truncated=False, unet_calls=30
+    )
+    back = CODEC.decode_denoised(CODEC.encode_denoised(record))
+    assert back.request == HANDOFF_REQUEST and back.unet_calls == 30
+    assert back.latents.dtype == np.float32 and np.array_equal(back.latents, latents)
+    assert back.reply_topic is None and back.timings_ms == {}
+
+
+def test_handoff_needs_the_resolved_size() -> None:
+    record = DenoisedLatentsRecord(
+        request=dataclasses.replace(HANDOFF_REQUEST, width=None),
+        latents=np.zeros((2, 4, 8, 8), dtype=np.float32),
+    )
+    with pytest.raises(ValueError, match="resolved width and height"):
+        CODEC.encode_denoised(record)
+
+
+def _denoised_datum(**tensor: object) -> dict[str, object]:
+    latents = {"dtype": "float32", "shape": [2, 4, 8, 8], "data": bytes(2 * 4 * 8 * 8 * 4)}
+    latents.update(tensor)
+    return {
+        "request_id": "r",
+        "prompt": "p",
+        "negative_prompt": "",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "guidance_scale": 7.5,
+        "scheduler": "pndm",
+        "seed": 1,
+        "num_images": 2,
+        "strength": 0.8,
+        "latents": latents,
+    }
+
+
+@pytest.mark.parametrize(
+    ("tensor", "message"),
+    [
+        ({"dtype": "bfloat16"}, r"latents: dtype 'bfloat16' is not one of float16, float32"),
+        ({"shape": [2, 4, 8]}, r"latents: shape \[2, 4, 8\] is not 4 positive dimensions"),
+        ({"shape": [2, 4, 0, 8]}, r"latents: shape .* is not 4 positive dimensions"),
+        ({"data": bytes(10)}, r"latents: 10 bytes of data, expected 2048 for float32"),
+        ({"dtype": "float16"}, r"latents: 2048 bytes of data, expected 1024 for float16"),
+        ({"shape": [3, 4, 8, 8], "data": bytes(3 * 256 * 4)}, "latents: 3 rows for num_images 2"),
+    ],
+)
+def test_bad_handoff_tensors_are_decode_errors_naming_the_field(
+    tensor: dict[str, object], message: str
+) -> None:
+    data = CODEC.encode(DENOISED_SCHEMA, _denoised_datum(**tensor))
+    with pytest.raises(DecodeError, match=r"DenoisedLatents \(schema id 10\): " + message):
+        CODEC.decode_denoised(data)
+
+
+def test_bad_init_latents_rows_name_the_field() -> None:
+    record = EncodedRequestRecord(
+        request=HANDOFF_REQUEST,
+        text_embeds=np.zeros((2, 77, 8), dtype=np.float32),
+        init_latents=np.zeros((3, 4, 8, 8), dtype=np.float32),
+    )
+    with pytest.raises(DecodeError, match="init_latents: 3 rows for num_images 2"):
+        CODEC.decode_encoded(CODEC.encode_encoded(record))
+    with pytest.raises(DecodeError, match=r"schema id 10 is .*DenoisedLatents, expected .*Encoded"):
+        CODEC.decode_encoded(
+            CODEC.encode_denoised(
+                DenoisedLatentsRecord(HANDOFF_REQUEST, np.zeros((2, 4, 8, 8), np.float32))
+            )
+        )

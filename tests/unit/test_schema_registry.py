@@ -18,6 +18,8 @@ import trustme
 
 from orchestrator.adapters.avro import (
     CONTROL_SCHEMA,
+    DENOISED_SCHEMA,
+    ENCODED_SCHEMA,
     PROGRESS_SCHEMA,
     REQUEST_SCHEMA,
     RESULT_SCHEMA,
@@ -303,6 +305,8 @@ async def test_codec_through_the_registry_resolves_then_decodes_without_io(
         RESULT_SCHEMA: 101,
         PROGRESS_SCHEMA: 102,
         CONTROL_SCHEMA: 103,
+        ENCODED_SCHEMA: 104,
+        DENOISED_SCHEMA: 105,
     }
     data = writer.encode_request(REQUEST, reply_topic="replies")
     assert struct.unpack(">I", data[1:5]) == (100,)
@@ -347,6 +351,8 @@ async def test_make_codec_builds_the_registry_from_settings(
         RESULT_SCHEMA: 101,
         PROGRESS_SCHEMA: 102,
         CONTROL_SCHEMA: 103,
+        ENCODED_SCHEMA: 104,
+        DENOISED_SCHEMA: 105,
     }
     await codec.aclose()
     assert isinstance(make_codec(load_settings(None)).registry, LocalSchemaDirectory)
