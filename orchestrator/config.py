@@ -48,6 +48,13 @@ class Settings(BaseSettings):
         "sharing /dev/shm): auto = per endpoint, plain gRPC where registration is refused (a "
         "remote Triton); on = required; off = plain gRPC",
     )
+    triton_conditioning_cache: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="over plain gRPC (no shared memory), send each job's UNet conditioning once "
+        "per endpoint to the repository's `unet_cached` model, which keeps it (LRU, bounded) and "
+        "calls the UNet through BLS; a miss is answered by resending: auto = where the endpoint "
+        "serves unet_cached; on = required; off = conditioning in every step's call",
+    )
 
     # --- Kafka ------------------------------------------------------------------------------
     bootstrap_servers: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers")

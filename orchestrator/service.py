@@ -154,6 +154,7 @@ class Service:
             probe_interval_s=settings.breaker_probe_interval_s,
             resolve_interval_s=settings.triton_resolve_interval_s,
             shared_memory=settings.triton_shared_memory,
+            conditioning_cache=settings.triton_conditioning_cache,
         )
         self.breaker = CircuitBreaker(
             self.triton.is_ready,

@@ -17,6 +17,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
+from orchestrator.adapters import triton_cond
 from orchestrator.adapters.tracing import grpc_metadata
 from orchestrator.adapters.triton_shm import (
     MODES,
@@ -83,9 +84,14 @@ class TritonClient:
         on_error: Callable[[str, str], None] | None = None,
         propagate_trace: bool = True,
         shared_memory: str = "off",
+        conditioning_cache: str = "off",
     ) -> None:
         if shared_memory not in MODES:
             raise ValueError(f"shared_memory must be one of {MODES}, not {shared_memory!r}")
+        if conditioning_cache not in triton_cond.MODES:
+            raise ValueError(
+                f"conditioning_cache must be one of {triton_cond.MODES}, not {conditioning_cache!r}"
+            )
         self.url = url
         self.timeout_s = timeout_s
         self.on_error = on_error
@@ -99,6 +105,12 @@ class TritonClient:
         #: "unprobed", "on" (conditioning through shared memory) or "off" (plain gRPC)
         self.shm_state = "off" if shared_memory == "off" else "unprobed"
         self._shm_lock = asyncio.Lock()
+        #: conditioning kept by this endpoint's `unet_cached` (when plain gRPC carries the call)
+        self.conditioning_cache = conditioning_cache
+        self.cond = triton_cond.CondState()
+        if conditioning_cache == "off":
+            self.cond.state = "off"
+        self._cond_lock = asyncio.Lock()
 
     async def close(self) -> None:
         if self.shm is not None:
@@ -191,6 +203,10 @@ class TritonClient:
             answer = await self._infer_shm(channel, call, dtypes, metadata, client_timeout)
             if answer is not None:
                 return answer
+        elif self.cond.state != "off" and await self._cond_ready(call):
+            cached = await self._infer_cached(call, metadata, client_timeout)
+            if cached is not None:
+                return cached
         inputs = []
         for name, arr in call.inputs.items():
             wire = arr if arr.dtype == np.object_ else _to_wire(arr, dtypes.get(name))
@@ -271,6 +287,96 @@ class TritonClient:
                 raise self._fail(exc, call.model) from exc
             finally:
                 channel.release(lease)
+        return None
+
+    async def _cond_ready(self, call: StageCall) -> bool:
+        """Whether `call` goes to this endpoint's conditioning cache (its repository declares
+        `<model>_cached`; asked once per endpoint, again after a transient failure)."""
+        if not triton_cond.RESIDENT.intersection(call.inputs):
+            return False
+        async with self._cond_lock:
+            if self.cond.state == "unprobed":
+                wanted = triton_cond.cached_model(call.model)
+                try:
+                    index = await self._client.get_model_repository_index(
+                        as_json=True, client_timeout=self.timeout_s
+                    )
+                except Exception as exc:
+                    err = map_error(exc, "repository index")
+                    if isinstance(err, TransientInferenceError):
+                        return False  # down: ask again with a later call
+                    raise err from exc
+                ready = {
+                    str(m.get("name"))
+                    for m in index.get("models", [])
+                    if m.get("state", "READY") == "READY"
+                }
+                if wanted in ready:
+                    self.cond.state = "on"
+                    log.info("Triton %s: conditioning cached there (%s)", self.url, wanted)
+                elif self.conditioning_cache == "on":
+                    raise ModelConfigError(
+                        f"ORCHESTRATOR_TRITON_CONDITIONING_CACHE=on but Triton {self.url} serves "
+                        f"no {wanted!r}: rebuild the repository with `orchestrator models build`"
+                    )
+                else:
+                    self.cond.state = "off"
+                    log.info("Triton %s: no %s, conditioning sent every step", self.url, wanted)
+        return self.cond.state == "on"
+
+    async def _infer_cached(
+        self, call: StageCall, metadata: Mapping[str, str], client_timeout: float
+    ) -> dict[str, npt.NDArray[Any]] | None:
+        """One call through `<model>_cached`, carrying only the conditioning this endpoint was
+        not sent; a miss is answered by the same call carrying all of it."""
+        sources = triton_cond.sources_of(call.inputs, getattr(call, "sources", None) or {})
+        if sources is None:
+            return None
+        model = triton_cond.cached_model(call.model)
+        try:
+            dtypes = await self.wire_dtypes(model)
+        except InferenceError as exc:
+            if self.on_error is not None:
+                self.on_error(model, grpc_code(exc) or "CLIENT")
+            raise
+        for attempt in range(2):
+            planned = self.cond.plan(call.inputs, sources, resend=attempt > 0)
+            wire = {n: _to_wire(a, dtypes.get(n)) for n, a in planned.inputs.items()}
+            inputs = []
+            for name, arr in wire.items():
+                inp = grpcclient.InferInput(name, list(arr.shape), np_to_triton_dtype(arr.dtype))
+                inp.set_data_from_numpy(arr)
+                inputs.append(inp)
+            outputs = [grpcclient.InferRequestedOutput(name) for name in call.outputs]
+            try:
+                result = await self._client.infer(
+                    model,
+                    inputs,
+                    outputs=outputs,
+                    client_timeout=client_timeout,
+                    headers=dict(metadata) or None,
+                )
+            except InferenceServerException as exc:
+                if attempt == 0 and triton_cond.is_miss(str(exc.message())):
+                    # restarted, evicted or released there: this call again, with every row
+                    self.cond.counters.misses += 1
+                    self.cond.forget("a miss")
+                    continue
+                err = self._fail(exc, model)
+                if grpc_code(err) in ENDPOINT_DOWN_CODES:
+                    self.cond.forget(f"endpoint down: {grpc_code(err)}")
+                raise err from exc
+            except Exception as exc:
+                raise self._fail(exc, model) from exc
+            self.cond.count(wire)
+            self.cond.done(planned)
+            out: dict[str, npt.NDArray[Any]] = {}
+            for name in call.outputs:
+                arr = result.as_numpy(name)
+                if arr is None:
+                    raise InferenceError(f"{model} returned no output {name!r}", stage=model)
+                out[name] = _from_wire(arr)
+            return out
         return None
 
     def _shm_failed(self, exc: Exception, call: StageCall) -> None:
@@ -370,13 +476,15 @@ def _sources(call: StageCall) -> dict[str, Sequence[npt.NDArray[Any]]]:
     call says and they add up; else the input itself."""
     given = getattr(call, "sources", None) or {}
     out: dict[str, Sequence[npt.NDArray[Any]]] = {}
+    # the call's rows from a per-call input, so a merged conditioning is not concatenated
+    per_call = [n for n in call.inputs if n not in RESIDENT_INPUTS]
+    rows = int(call.inputs[per_call[0]].shape[0]) if per_call else None
     for name in RESIDENT_INPUTS.intersection(call.inputs):
         parts = given.get(name)
-        arr = call.inputs[name]
-        if parts and sum(int(p.shape[0]) for p in parts) == arr.shape[0]:
+        if parts and rows is not None and sum(int(p.shape[0]) for p in parts) == rows:
             out[name] = tuple(parts)
         else:
-            out[name] = (arr,)
+            out[name] = (call.inputs[name],)
     return out
 
 

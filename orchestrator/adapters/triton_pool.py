@@ -70,9 +70,11 @@ class TritonPool:
         resolve_interval_s: float = 10.0,
         resolve: Callable[[str, int], Any] | None = None,
         shared_memory: str = "off",
+        conditioning_cache: str = "off",
     ) -> None:
         self.spec = spec
         self.shared_memory = shared_memory
+        self.conditioning_cache = conditioning_cache
         self.targets = parse_endpoints(spec)
         self.timeout_s = timeout_s
         self.ssl = ssl
@@ -111,6 +113,7 @@ class TritonPool:
             on_error=self.on_error,
             propagate_trace=self.propagate_trace,
             shared_memory=self.shared_memory,
+            conditioning_cache=self.conditioning_cache,
         )
         self._endpoints[address] = _Endpoint(EndpointState(address), client, source)
         log.info("Triton endpoint %s (from %s)", address, source)
@@ -177,6 +180,8 @@ class TritonPool:
                     if endpoint.state.open and await endpoint.client.is_ready():
                         log.info("Triton endpoint %s is back", endpoint.state.address)
                         endpoint.state.recovered()
+                        # it may have restarted: its conditioning cache is empty
+                        endpoint.client.cond.forget("endpoint came back")
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the probe must outlive anything

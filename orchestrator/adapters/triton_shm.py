@@ -269,7 +269,24 @@ class ShmChannel:
         scratch_plan: list[tuple[str, npt.NDArray[Any], np.dtype[Any], int]] = []
         offset = 0
         try:
-            for name, arr in inputs.items():
+            for name in inputs:
+                parts = sources.get(name, ())
+                if name in RESIDENT_INPUTS and parts:
+                    # the members' own arrays: a merged input is never concatenated for a slot
+                    first = parts[0]
+                    shape = (sum(int(p.shape[0]) for p in parts), *first.shape[1:])
+                    dtype = dtypes.get(name, first.dtype)
+                    nbytes = int(np.prod(shape)) * dtype.itemsize
+                    found = await self._slot(name, parts, dtype, nbytes)
+                    if found is not None:
+                        slot, written = found
+                        lease.slots.append(slot)
+                        lease.written[name] = written
+                        inp = grpcclient.InferInput(name, list(shape), np_to_triton_dtype(dtype))
+                        inp.set_shared_memory(slot.region.name, nbytes, 0)
+                        infer_inputs.append(inp)
+                        continue
+                arr = inputs[name]
                 dtype = dtypes.get(name, arr.dtype)
                 if arr.dtype == np.object_:
                     inp = grpcclient.InferInput(name, list(arr.shape), "BYTES")

@@ -8,7 +8,7 @@ guidance scales, schedulers and step counts are compatible: timesteps are per ro
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -61,8 +61,43 @@ def pack(calls: Sequence[StageCall], max_rows: Mapping[str, int]) -> list[list[i
     return [groups[key][b] for key, b in order]
 
 
+class Concatenated(Mapping[str, npt.NDArray[Any]]):
+    """A merged call's inputs: each the concatenation of the members' arrays, made the first
+    time it is read (once). A transport that keeps the conditioning elsewhere (Triton shared
+    memory, a conditioning cache in Triton) reads the members' own arrays, `StageCall.sources`,
+    and never pays for concatenating it (~1 ms a step at SD 1.5 shapes, 32 rows)."""
+
+    def __init__(self, parts: Mapping[str, Sequence[npt.NDArray[Any]]]) -> None:
+        self._parts = parts
+        self._made: dict[str, npt.NDArray[Any]] = {}
+
+    def __getitem__(self, name: str) -> npt.NDArray[Any]:
+        arr = self._made.get(name)
+        if arr is None:
+            arr = self._made[name] = np.concatenate(self._parts[name])
+        return arr
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._parts)
+
+    def __len__(self) -> int:
+        return len(self._parts)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._parts  # (Mapping's own would read, so concatenate, the input)
+
+    def rows(self, name: str) -> int:
+        """Rows of input `name`, without concatenating it."""
+        return sum(int(a.shape[0]) for a in self._parts[name])
+
+    def made(self, name: str) -> bool:
+        """Whether `name` has been concatenated (read) so far."""
+        return name in self._made
+
+
 def merge(calls: Sequence[StageCall], members: Sequence[int]) -> Batch:
-    """Concatenate the members' inputs into one call."""
+    """Merge the members' calls into one: inputs concatenated when first read (`Concatenated`),
+    and each input's parts, the members' own arrays, in `sources`."""
     chosen = [calls[i] for i in members]
     first = chosen[0]
     if len(chosen) == 1:
@@ -72,9 +107,8 @@ def merge(calls: Sequence[StageCall], members: Sequence[int]) -> Batch:
     for c in chosen:
         slices.append(slice(start, start + rows(c)))
         start += rows(c)
-    inputs = {name: np.concatenate([c.inputs[name] for c in chosen]) for name in first.inputs}
     sources = {name: tuple(c.inputs[name] for c in chosen) for name in first.inputs}
-    call = StageCall(first.model, inputs, first.outputs, sources)
+    call = StageCall(first.model, Concatenated(sources), first.outputs, sources)
     return Batch(call, tuple(members), tuple(slices))
 
 

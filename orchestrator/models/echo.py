@@ -23,7 +23,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from orchestrator.models.repository import DEFAULT_QUEUE_DELAY_US
+from orchestrator.models.repository import (
+    DEFAULT_QUEUE_DELAY_US,
+    ModelSpec,
+    TensorSpec,
+    render_cond_cache_config,
+    template_dir,
+)
 
 #: wire dtype name -> numpy dtype of the latents and conditioning on the wire
 WIRE_DTYPES: Mapping[str, type[np.floating[Any]]] = {"fp32": np.float32, "fp16": np.float16}
@@ -172,15 +178,38 @@ class TritonPythonModel:
 '''
 
 
+def cached_name(shape: str, wire: str) -> str:
+    """The conditioning-cache wrapper in front of an echo model (issue 14, Triton remote)."""
+    return model_name(shape, wire) + "_cached"
+
+
+def render_cached_config(shape: EchoShape, wire: str) -> str:
+    """config.pbtxt of `cached_name`: the real repository's `unet_cached`, around the echo."""
+
+    def spec(t: EchoTensor) -> TensorSpec:
+        return TensorSpec(t.name, _CONFIG_TYPES[t.dtype], t.dims)
+
+    unet = ModelSpec(
+        model_name(shape.name, wire),
+        tuple(spec(t) for t in unet_inputs(shape, wire)),
+        tuple(spec(t) for t in unet_outputs(shape, wire)),
+        {},
+    )
+    return render_cond_cache_config(
+        unet, name=cached_name(shape.name, wire), target_model=unet.name
+    )
+
+
 def write_repository(
     repo: Path,
     models: Iterable[tuple[str, str]],
     *,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
+    cached: bool = False,
 ) -> list[str]:
-    """Write one echo model per (shape, wire dtype) pair into `repo` (replaced); returns the
-    model names."""
+    """Write one echo model per (shape, wire dtype) pair into `repo` (replaced), and with
+    `cached` its conditioning-cache wrapper; returns the model names."""
     if repo.exists():
         shutil.rmtree(repo)
     names = []
@@ -195,4 +224,11 @@ def write_repository(
         (repo / name / "config.pbtxt").write_text(config, encoding="utf-8")
         (version / "model.py").write_text(MODEL_PY, encoding="utf-8")
         names.append(name)
+        if cached:
+            wrapper = repo / cached_name(shape_name, wire)
+            (wrapper / "1").mkdir(parents=True)
+            text = render_cached_config(shape, wire)
+            (wrapper / "config.pbtxt").write_text(text, encoding="utf-8")
+            shutil.copyfile(template_dir() / "unet_cached" / "model.py", wrapper / "1" / "model.py")
+            names.append(wrapper.name)
     return names

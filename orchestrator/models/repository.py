@@ -31,6 +31,7 @@ MODEL_NAMES = (
     "unet",
     "vae_decoder",
     BLS_MODEL,
+    "unet_cached",
 )
 #: instances of the BLS model: how many whole-pipeline requests Triton runs at once
 DEFAULT_BLS_INSTANCES = 4
@@ -307,6 +308,55 @@ def render_bls_config(
     return "\n".join(lines) + "\n"
 
 
+#: the UNet with each job's conditioning kept inside Triton (triton_models/unet_cached/model.py)
+COND_CACHE_MODEL = "unet_cached"
+#: the UNet inputs that stay the same for a job's every step (kept by COND_CACHE_MODEL)
+CONDITIONING_INPUTS = ("encoder_hidden_states", "text_embeds", "time_ids")
+
+
+def render_cond_cache_config(
+    unet: ModelSpec, *, name: str = COND_CACHE_MODEL, target_model: str = "unet"
+) -> str:
+    """config.pbtxt of the conditioning-cache wrapper in front of `unet` (a CPU Python model
+    for both targets: it keeps rows in host memory and calls the UNet through BLS). Its
+    conditioning keeps the UNet's dtypes (fp16 where the UNet is fp16). No batch dimension of
+    Triton's: the orchestrator's batcher has merged the call already."""
+    conditioning = [t for t in unet.inputs if t.name in CONDITIONING_INPUTS]
+    rest = [t for t in unet.inputs if t.name not in CONDITIONING_INPUTS]
+
+    def block(t: TensorSpec, optional: bool = False) -> list[str]:
+        dims = ", ".join(str(d) for d in (-1, *t.dims))
+        extra = ["    optional: true"] if optional else []
+        return [
+            "  {",
+            f"    name: {_quote(t.name)}",
+            f"    data_type: {t.data_type}",
+            f"    dims: [ {dims} ]",
+            *extra,
+            "  }",
+        ]
+
+    inputs = [block(t) for t in rest] + [block(TensorSpec("cond_ids", "TYPE_INT64", ()))]
+    inputs.append(block(TensorSpec("new_ids", "TYPE_INT64", ()), optional=True))
+    inputs += [block(dataclasses.replace(t, name=f"new_{t.name}"), True) for t in conditioning]
+    inputs.append(block(TensorSpec("release_ids", "TYPE_INT64", ()), optional=True))
+    lines = [f"name: {_quote(name)}", 'backend: "python"', "max_batch_size: 0", "input ["]
+    for i, b in enumerate(inputs):
+        lines += [*b[:-1], b[-1] + ("," if i < len(inputs) - 1 else "")]
+    lines.append("]")
+    outputs = [block(t) for t in unet.outputs]
+    lines.append("output [")
+    for i, b in enumerate(outputs):
+        lines += [*b[:-1], b[-1] + ("," if i < len(outputs) - 1 else "")]
+    lines.append("]")
+    lines.append("instance_group [ { count: 1 kind: KIND_CPU } ]")
+    params = {"target_model": target_model}
+    if "source" in unet.parameters:
+        params["source"] = unet.parameters["source"]
+    lines += _parameters(params)
+    return "\n".join(lines) + "\n"
+
+
 #: GPU (TensorRT) engines: the most elements the largest activation of one call may have. An
 #: engine's memory is sized for its profile's largest shapes, and a tensor of 2^31 elements or
 #: more cannot be built at all; SD's VAEs at 1024x1024 and batch 64 would need 8.6e9.
@@ -487,7 +537,8 @@ def write_repository(
     if repo.exists():
         shutil.rmtree(repo)
     written: list[Path] = []
-    for spec in model_specs(facts, source, limits, half=target == "gpu"):
+    half = target == "gpu"
+    for spec in model_specs(facts, source, limits, half=half):
         model_dir = repo / spec.name
         version = model_dir / "1"
         version.mkdir(parents=True)
@@ -514,6 +565,12 @@ def write_repository(
             if target == "cpu":
                 shutil.copyfile(templates / "onnx_stage" / "model.py", version / "model.py")
                 written.append(version / "model.py")
+    unet_spec = next(s for s in model_specs(facts, source, limits, half=half) if s.name == "unet")
+    cached = repo / COND_CACHE_MODEL
+    (cached / "1").mkdir(parents=True)
+    (cached / "config.pbtxt").write_text(render_cond_cache_config(unet_spec), encoding="utf-8")
+    shutil.copyfile(templates / COND_CACHE_MODEL / "model.py", cached / "1" / "model.py")
+    written += [cached / "config.pbtxt", cached / "1" / "model.py"]
     if target == "cpu":
         # the benchmark's baseline only: it imports the build machine's `orchestrator` (its
         # source path is a parameter), torch and diffusers, none of which a GPU server has

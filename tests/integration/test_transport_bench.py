@@ -108,12 +108,13 @@ def test_verdicts_take_the_best_qualifying_transport(bench: ModuleType) -> None:
         _row(bench, "grpc+shm", "fp16", 4.0, remote=False),
     ]
     lines = bench.verdicts(rows)
-    beside, grpc, sdxl, size = lines
+    beside, grpc, sdxl, size, remote_size = lines
     assert "best grpc+shm fp16 4.0 ms -> MET" in beside
     # shared memory does not count over gRPC: the best remote one does
     assert "best grpc fp16 14.0 ms -> MET" in grpc
     assert sdxl.endswith("not measured")
     assert "NOT MET" in size
+    assert "best grpc fp16" in remote_size and "NOT MET" in remote_size
     assert "-> NOT MET" in bench.verdicts([rows[0]])[1]
 
 
@@ -136,7 +137,7 @@ def test_smallest_run(
     assert code == 0, text
     data = json.loads(out.read_text())
     transports = tuple(bench.TRANSPORTS)
-    assert set(transports) == {"grpc", "grpc+shm", "resident", "resident+grpc"}
+    assert set(transports) == {"grpc", "grpc+shm", "resident", "resident+grpc", "cached+grpc"}
     expected = {
         (shape, 2, wire, t) for shape in ("sd15", "sdxl") for wire in ITEMSIZE for t in transports
     } | {("tiny", 2, "fp32", t) for t in transports}
@@ -151,9 +152,12 @@ def test_smallest_run(
             assert r["grpc_bytes"] == bytes_in + bytes_out
         elif r["transport"] == "resident+grpc":  # latents, timestep and noise_pred only
             assert 0 < r["grpc_bytes"] < bytes_in + bytes_out
+        elif r["transport"] == "cached+grpc":  # the same, and a row id (int64) per row
+            assert 0 < r["grpc_bytes"] < bytes_in + bytes_out
+            assert r["bytes_in"] + r["bytes_out"] - r["bytes_moved"] == r["resident_bytes"] - 16
         else:
             assert r["grpc_bytes"] == 0
-        assert r["remote"] == (r["transport"] == "grpc")
+        assert r["remote"] == (r["transport"] in ("grpc", "cached+grpc"))
         assert r["calls"] == 3
         assert 0 < r["median_ms"] <= r["p95_ms"]
         assert r["triton_ms"] > 0 and r["compute_infer_ms"] > 0 and r["queue_ms"] >= 0
@@ -161,7 +165,7 @@ def test_smallest_run(
     table = [line for line in text.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| shapes | rows | wire | transport | MB moved")
     assert len(table) == 1 + len(expected)
-    assert sum("not measured" in line for line in text.splitlines()) == 4
+    assert sum("not measured" in line for line in text.splitlines()) == 5
     assert data["machine"]["cores"].isdigit() and data["machine"]["cpu"]
     profile = data["profile"]
     assert profile["calls"] == 2 and profile["triton"]["success"] > 0
@@ -172,12 +176,12 @@ def test_smallest_run(
 @pytest.fixture(scope="module")
 def echo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     work = tmp_path_factory.mktemp("echo")
-    echo.write_repository(work / "repository", [("sd15", "fp32"), ("sdxl", "fp16")])
+    echo.write_repository(work / "repository", [("sd15", "fp32"), ("sdxl", "fp16")], cached=True)
     with TritonServer(work / "repository", work_dir=work / "tritonserver") as server:
         yield server
 
 
-@pytest.mark.parametrize("transport", ["grpc", "grpc+shm"])
+@pytest.mark.parametrize("transport", ["grpc", "grpc+shm", "cached+grpc"])
 def test_transports_echo_every_tensor(
     bench: ModuleType, echo_server: TritonServer, transport: str
 ) -> None:

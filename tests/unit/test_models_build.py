@@ -89,7 +89,8 @@ def test_config_parameters(
     configs = {name: parse_config(repo / name / "config.pbtxt") for name in repository.MODEL_NAMES}
     for name, config in configs.items():
         assert config.name == name
-        assert config.max_batch_size == 64
+        # the conditioning cache takes calls the batcher merged: no batch dimension of Triton's
+        assert config.max_batch_size == (0 if name == repository.COND_CACHE_MODEL else 64)
         assert params(config)["source"] == preset
     unet = params(configs["unet"])
     assert unet["latent_channels"] == "4"
@@ -363,7 +364,7 @@ def test_gpu_variant_declares_fp16_io_where_the_engine_is_fp16(
             max_batch_size=4,
             source="tiny",
         )
-        for model in [*export.STAGES, "encode_prompt"]:
+        for model in [*export.STAGES, "encode_prompt", repository.COND_CACHE_MODEL]:
             config = parse_config(repo / model / "config.pbtxt")
             for tensor in [*config.input, *config.output]:
                 if tensor.name == "timestep":
