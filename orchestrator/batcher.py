@@ -139,7 +139,13 @@ class StepBatcher:
         cohort into small batches although every member was about to submit; the timer runs
         only after the callbacks already scheduled, so it sees them all.
         """
+        # a caller cancelled while it waited (its job cancelled) is no longer waiting: left
+        # in, it would count as a member that submitted and flush the others early
+        cohort.waiting = [w for w in cohort.waiting if not w.future.done()]
         if not cohort.waiting:
+            if cohort.timer is not None:
+                cohort.timer.cancel()
+                cohort.timer = None
             return
         oldest = time.monotonic() - cohort.waiting[0].since
         age = oldest if on_timer else 0.0

@@ -388,9 +388,16 @@ async def direct_sender(
 
 @contextlib.asynccontextmanager
 async def kafka_sender(
-    mode: str, bootstrap: str, triton_url: str, max_in_flight: int, timeout: float, timer: RpcTimer
+    mode: str,
+    bootstrap: str,
+    triton_url: str,
+    max_in_flight: int,
+    timeout: float,
+    timer: RpcTimer,
+    **overrides: Any,
 ) -> AsyncIterator[Send]:
-    """The real service (in this process) with `batching=mode`, and a Kafka client for it."""
+    """The real service (in this process) with `batching=mode`, and a Kafka client for it;
+    `overrides` are further settings of the service (``max_active_jobs=4``, say)."""
     from orchestrator.adapters.kafka_broker import create_topics
     from orchestrator.client import Client
     from orchestrator.config import load_settings
@@ -410,6 +417,7 @@ async def kafka_sender(
         batching=mode,
         max_in_flight=max_in_flight,
         triton_timeout_s=timeout,
+        **overrides,
     )
     await create_topics(bootstrap, settings.service_topics(), 2)
     ready = asyncio.Event()

@@ -151,7 +151,27 @@ class Settings(BaseSettings):
     )
 
     # --- Work -------------------------------------------------------------------------------
-    max_in_flight: int = Field(32, ge=1, le=4096, description="jobs processed at once")
+    max_in_flight: int = Field(
+        256,
+        ge=1,
+        le=4096,
+        description="read-ahead: records fetched and held at once (waiting for a slot or "
+        "running), also bounded by max_buffered_bytes; priority acts among these",
+    )
+    max_active_jobs: int = Field(
+        32,
+        ge=1,
+        le=4096,
+        description="jobs started and running at once; the others wait for a slot, highest "
+        "priority (then earliest deadline, then arrival) first (docs/operations.md)",
+    )
+    admission_aging_s: float = Field(
+        30.0,
+        gt=0,
+        le=86_400,
+        description="seconds of waiting that promote a job by one priority class, so low "
+        "priority is never starved",
+    )
     batching: Literal["step", "naive"] = Field("step", description="UNet step batching mode")
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest wait to fill a batch")
     batch_cohorts: int = Field(
@@ -247,6 +267,65 @@ class Settings(BaseSettings):
     tracing: bool = Field(True, description="OpenTelemetry spans (export via OTEL_* variables)")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"
+
+    # --- Progress ---------------------------------------------------------------------------
+    progress_events: bool = Field(
+        True, description="publish progress events to progress_topic (advisory, never waited for)"
+    )
+    progress_step_events_per_s: float = Field(
+        2.0,
+        gt=0,
+        le=1000,
+        description="at most this many step events per job per second (the first and the last "
+        "step are always sent)",
+    )
+    preview_interval_s: float = Field(
+        2.0,
+        gt=0,
+        le=3600,
+        description="at most one preview per job per this many seconds (requests with preview)",
+    )
+    preview_max_side: int = Field(
+        64, ge=8, le=512, description="longest side of a preview in pixels (never upscaled)"
+    )
+    preview_max_bytes: int = Field(
+        16 * 1024,
+        ge=1024,
+        le=512 * 1024,
+        description="bytes of one encoded preview; quality and size are lowered to fit, else "
+        "the preview is left out",
+    )
+    progress_queue_size: int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="progress events waiting to be produced; a full queue drops new events",
+    )
+    progress_send_timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=300,
+        description="how long one progress event may wait for the broker (metadata, ack) "
+        "before it is dropped",
+    )
+    progress_flush_timeout_s: float = Field(
+        2.0, ge=0, le=60, description="at stop, time given to queued progress events"
+    )
+
+    # --- Cancellation -----------------------------------------------------------------------
+    cancel_remember_s: float = Field(
+        600.0,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="how long a cancel is remembered (a request arriving later is answered "
+        "cancelled at once); also how far back the control topic is read at start",
+    )
+    cancel_remember_max: int = Field(
+        100_000,
+        ge=1,
+        le=10_000_000,
+        description="at most this many cancels remembered (the oldest forgotten first)",
+    )
 
     @field_validator("triton_url")
     @classmethod

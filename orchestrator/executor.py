@@ -27,7 +27,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from orchestrator.breaker import CircuitBreaker
-from orchestrator.core.pipeline import Job, Phase, advance, finish, plan
+from orchestrator.core.pipeline import UNET, Job, Phase, advance, finish, plan
 from orchestrator.domain import GeneratedImages, StageCall
 from orchestrator.errors import DeadlineExceeded, Disposition, disposition
 
@@ -93,8 +93,13 @@ async def run_job(
     *,
     breaker: CircuitBreaker | None = None,
     tracer: trace.Tracer | None = None,
+    on_step: Callable[[Job, int, int], None] | None = None,
 ) -> GeneratedImages:
-    """Drive a job to its images, one model call after another."""
+    """Drive a job to its images, one model call after another.
+
+    `on_step(job, k, n)`, when given, is called after each denoising step's advance: step `k`
+    of the `n` UNet calls the job makes (img2img: those after its start step). It must be
+    quick and must not raise (progress is advisory): an exception from it is not caught."""
     policy = retry or RetryPolicy()
     stats = stats if stats is not None else JobStats()
     tracer = tracer or _NOOP_TRACER
@@ -190,6 +195,8 @@ async def run_job(
                             outputs = await attempt_call()
             timings[call.model] += (time.perf_counter() - t0) * 1000.0
             advance(job, outputs)
+            if on_step is not None and call.model == UNET:
+                on_step(job, job.unet_calls, job.total_unet_calls)
     except BaseException as exc:
         if stage_span is not None:
             stage_span.record_exception(exc)

@@ -22,7 +22,14 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 
-from orchestrator.adapters.avro import GenerationResultRecord, ImageRecord, make_codec
+from orchestrator.adapters.avro import (
+    OUTCOME_CANCELLED,
+    ControlCommandRecord,
+    GenerationResultRecord,
+    ImageRecord,
+    make_codec,
+)
+from orchestrator.adapters.control import ControlListener
 from orchestrator.adapters.http import HealthServer
 from orchestrator.adapters.kafka import (
     CORRELATION_ID_HEADER,
@@ -41,16 +48,27 @@ from orchestrator.adapters.kafka import (
     header_str,
 )
 from orchestrator.adapters.metrics import Metrics
+from orchestrator.adapters.progress import ProgressPublisher, ProgressReporter
 from orchestrator.adapters.tracing import extract, get_tracer, producer_span
 from orchestrator.adapters.triton import grpc_code
 from orchestrator.adapters.triton_pool import TritonPool
+from orchestrator.admission import AdmissionGate
 from orchestrator.batcher import BatchRecord, StepBatcher
 from orchestrator.breaker import CircuitBreaker
 from orchestrator.config import Settings
+from orchestrator.core.admission import AdmissionPolicy
 from orchestrator.core.batching import CohortPolicy, FlushPolicy
+from orchestrator.core.cancellation import CancelRegistry, Tracked, Where
 from orchestrator.core.envelope import check_envelope
 from orchestrator.core.pipeline import ENCODE_PROMPT, UNET, VAE_DECODER, VAE_ENCODER, Job, start_job
-from orchestrator.domain import GeneratedImages, GenerationRequest, ModelInfo, StageCall
+from orchestrator.domain import (
+    GeneratedImages,
+    GenerationRequest,
+    JobEvent,
+    ModelInfo,
+    Priority,
+    StageCall,
+)
 from orchestrator.errors import (
     DeadlineExceeded,
     OrchestratorError,
@@ -96,6 +114,8 @@ class ServiceStats:
     )
     batches: list[BatchRecord] = dataclasses.field(default_factory=list)
     max_in_flight_seen: int = 0
+    #: request id -> wall-clock time its cancelled job ended (slot free), newest last
+    cancel_freed_at: dict[str, float] = dataclasses.field(default_factory=dict)
     max_buffered_bytes_seen: int = 0
 
 
@@ -136,6 +156,7 @@ class Service:
         on_ready: Callable[[], None] | None = None,
         tracer_provider: trace.TracerProvider | None = None,
         metrics: Metrics | None = None,
+        progress: ProgressPublisher | None = None,
     ) -> None:
         self.settings = settings
         self.codec = make_codec(settings)
@@ -163,6 +184,36 @@ class Service:
             on_change=lambda is_open: self.metrics.breaker_open.set(1 if is_open else 0),
         )
         self.producer = KafkaProducerAdapter(self.kafka, max_record_bytes=settings.max_record_bytes)
+        # progress events: their own producer and queue, never waited for (adapters/progress.py)
+        self.progress_publisher = progress or ProgressPublisher(
+            settings.kafka("-progress"),
+            settings.progress_topic,
+            self.codec,
+            self.metrics,
+            queue_size=settings.progress_queue_size,
+            send_timeout_s=settings.progress_send_timeout_s,
+            flush_timeout_s=settings.progress_flush_timeout_s,
+            preview_max_bytes=settings.preview_max_bytes,
+            max_record_bytes=settings.max_record_bytes,
+        )
+        self.progress: ProgressReporter | None = (
+            ProgressReporter(self.progress_publisher, settings)
+            if settings.progress_events
+            else None
+        )
+        # cancels: every instance reads every control record (adapters/control.py)
+        self.cancels: CancelRegistry[asyncio.Task[GeneratedImages]] = CancelRegistry(
+            settings.cancel_remember_s, settings.cancel_remember_max
+        )
+        self.control = ControlListener(
+            settings.kafka("-control"),
+            settings.control_topic,
+            self.codec,
+            self._on_cancel,
+            self.metrics,
+            lookback_s=settings.cancel_remember_s,
+            fetch_max_wait_ms=settings.fetch_max_wait_ms,
+        )
         self.consumer = KafkaConsumerAdapter(
             self.kafka,
             [settings.request_topic],
@@ -185,6 +236,14 @@ class Service:
         self.runner: StageRunner = self.triton
         self.batcher: StepBatcher | None = None
         self.retry = settings.retry_policy()
+        # jobs fetched (read-ahead: max_in_flight) start in priority order, max_active_jobs at once
+        self.admission = AdmissionGate(
+            settings.max_active_jobs,
+            AdmissionPolicy(aging_s=settings.admission_aging_s),
+            on_queue=self._on_admission_queue,
+            on_admit=lambda p, s: self.metrics.admission_wait.labels(p.value).observe(s),
+            on_refuse=lambda p: self.metrics.admission_refused.labels(p.value).inc(),
+        )
         self._stopping = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], int] = {}
         self._task_partition: dict[asyncio.Task[None], tuple[str, int]] = {}
@@ -254,6 +313,9 @@ class Service:
                 self.runner = self.batcher
             await self.producer.start()
             await self.consumer.start()
+            if self.progress is not None:
+                await self.progress_publisher.start()
+            await self.control.start()
             self._broker_ok = True
             self._running = True
             log.info(
@@ -271,6 +333,8 @@ class Service:
                 await self._drain()
                 await self.consumer.stop(commit=True)
                 await self.producer.stop()
+                await self.progress_publisher.stop()
+                await self.control.stop()
         finally:
             await self.breaker.close()
             await self.triton.close()
@@ -418,6 +482,8 @@ class Service:
             "schema_registry": registry_up,
             "in_flight": len(self._tasks),
             "waiting_records": len(self._waiting),
+            "active_jobs": self.admission.active,
+            "admission_waiting": {p.value: n for p, n in self.admission.waiting().items()},
             "stuck_records": stuck,
         }
 
@@ -552,6 +618,8 @@ class Service:
                     )
                     progress.acknowledged = True
                     return True
+                if self.progress is not None:
+                    self.progress.queued(request, correlation)
                 answer = await self._generate_and_publish(
                     request, reply_topic, answer_headers, progress, span
                 )
@@ -589,12 +657,13 @@ class Service:
         try:
             if request.deadline is not None and time.time() >= request.deadline:
                 raise DeadlineExceeded("the request's deadline passed before it was started")
-            assert self.info is not None
-            job = start_job(request, self.info, self.settings.limits())
-            span.set_attribute("diffusion.steps", request.steps)
-            span.set_attribute("diffusion.scheduler", request.scheduler)
-            progress.stage = "generate"
-            generated = await self._run(job, progress.stats)
+            generated = await self._cancellable_job(request, progress, span)
+            if generated is None:  # cancelled by a command: answered, not dead-lettered
+                answer = await self._publish_cancelled(request, reply_topic, answer_headers)
+                progress.acknowledged = True
+                self._progress_event(request, JobEvent.CANCELLED, reason="cancelled")
+                fut.set_result(answer)
+                return answer
             for model, ms in generated.timings_ms.items():
                 if model in _STAGE_OF_MODEL:
                     self.metrics.stage_duration.labels(_STAGE_OF_MODEL[model]).observe(ms / 1000)
@@ -615,6 +684,7 @@ class Service:
             t0 = time.perf_counter()
             answer = await self._publish(answer)
             progress.acknowledged = True
+            self._progress_event(request, JobEvent.FINISHED)
             self.metrics.stage_duration.labels("publish").observe(time.perf_counter() - t0)
             fut.set_result(answer)
             return answer
@@ -623,17 +693,140 @@ class Service:
                 fut.set_result(None)
             self._in_progress.pop(request.request_id, None)
 
+    async def _admitted_job(
+        self, request: GenerationRequest, progress: _Progress, span: Any
+    ) -> GeneratedImages:
+        """The job from admission to its images: runs as the request's inner task, which a
+        cancel command cancels (waiting: it never starts; running: it leaves its batch at the
+        next step boundary)."""
+        async with self.admission.slot(request):  # priority order; deadline_exceeded at once
+            if not self.cancels.started(request.request_id):
+                raise asyncio.CancelledError  # cancelled before it could start
+            assert self.info is not None
+            job = start_job(request, self.info, self.settings.limits())
+            span.set_attribute("diffusion.steps", request.steps)
+            span.set_attribute("diffusion.scheduler", request.scheduler)
+            progress.stage = "generate"
+            return await self._run(job, progress.stats)
+
+    async def _cancellable_job(
+        self, request: GenerationRequest, progress: _Progress, span: Any
+    ) -> GeneratedImages | None:
+        """Run `_admitted_job` as an inner task registered under the request id; None when a
+        cancel command stopped it (or came before the request). Any other cancellation (shutdown,
+        rebalance) propagates as before."""
+        inner = asyncio.create_task(self._admitted_job(request, progress, span))
+        entry = self.cancels.register(request.request_id, inner, time.time())
+        if entry.cancelled:  # its cancel came first: never started
+            inner.cancel()
+            self.metrics.cancels.labels(Where.BEFORE_REQUEST).inc()
+        inner.add_done_callback(lambda _: self._cancel_freed(entry))
+        try:
+            return await inner
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if not entry.cancelled or (current is not None and current.cancelling()):
+                raise
+        finally:
+            self.cancels.finish(request.request_id, time.time())
+        self._record_cancel(request, entry, span)
+        return None
+
+    def _on_cancel(self, command: ControlCommandRecord) -> None:
+        """A cancel command from the control topic (never blocks)."""
+        decision = self.cancels.cancel(
+            command.request_id, time.time(), issued_at=command.issued_ms / 1000.0
+        )
+        where = decision.where
+        if decision.handle is not None and not decision.handle.cancel():
+            where = Where.UNKNOWN_OR_FINISHED  # it had just finished: its answer stands
+        self.metrics.cancels.labels(where).inc()
+        log.info(
+            "cancel of %s: %s",
+            command.request_id[:256],
+            where,
+            extra={"request_id": command.request_id[:256]},
+        )
+
+    def _cancel_freed(self, entry: Tracked[asyncio.Task[GeneratedImages]]) -> None:
+        if entry.cancelled:
+            freed = self.stats.cancel_freed_at
+            freed[entry.request_id] = time.time()
+            while len(freed) > 10_000:
+                del freed[next(iter(freed))]
+
+    def _record_cancel(
+        self, request: GenerationRequest, entry: Tracked[asyncio.Task[GeneratedImages]], span: Any
+    ) -> None:
+        freed = self.stats.cancel_freed_at.get(request.request_id, time.time())
+        where = Where.RUNNING if entry.running else Where.WAITING
+        if entry.cancelled_at is not None and entry.cancelled_at <= entry.registered_at:
+            where = Where.BEFORE_REQUEST  # remembered before the request was registered
+        attributes: dict[str, Any] = {"cancel.where": str(where)}
+        if entry.issued_at is not None:
+            attributes["cancel.issued_ms"] = int(entry.issued_at * 1000)
+            attributes["cancel.latency_ms"] = round((freed - entry.issued_at) * 1000.0, 3)
+        span.add_event("cancelled", attributes)
+        span.set_attribute("request.cancelled", True)
+        log.info("cancelled %s", request.request_id[:256])
+
+    async def _publish_cancelled(
+        self, request: GenerationRequest, reply_topic: str, answer_headers: Headers
+    ) -> Answer:
+        """The answer of a cancelled request: a result with outcome ``cancelled``, no images."""
+        record = GenerationResultRecord(
+            request_id=request.request_id,
+            images=(),
+            seed=request.seed,
+            metadata=dict(request.metadata),
+            outcome=OUTCOME_CANCELLED,
+        )
+        answer = Answer(
+            topic=reply_topic,
+            value=self.codec.encode_result(record),
+            key=request.request_id.encode(),
+            headers=answer_headers,
+        )
+        return await self._publish(answer)
+
     async def _run(self, job: Job, stats: JobStats) -> GeneratedImages:
         def on_retry(call: StageCall, exc: BaseException) -> None:
             self.metrics.retries.labels(call.model).inc()
             log.warning("retrying %s for %s: %s", call.model, job.request.request_id, exc)
 
         kwargs: dict[str, Any] = {"breaker": self.breaker, "tracer": self.tracer}
+        if self.progress is not None:
+            self.progress.started(job.request, job.total_unet_calls)
+            kwargs["on_step"] = self.progress.on_step
         with self.tracer.start_as_current_span("generate"):
             if self.batcher is not None:
                 async with self.batcher.job():
                     return await run_job(job, self.batcher, self.retry, on_retry, stats, **kwargs)
             return await run_job(job, self.runner, self.retry, on_retry, stats, **kwargs)
+
+    def _progress_event(
+        self,
+        request: GenerationRequest,
+        event: JobEvent,
+        *,
+        correlation: str | None = None,
+        reason: str | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Offer a progress event about `request` (finished, failed, cancelled, ...): never
+        blocks, never raises. `correlation` gives the headers of a request never queued."""
+        if self.progress is None or len(request.request_id) > self.settings.max_request_id_chars:
+            return
+        try:
+            self.progress.event(
+                request,
+                event,
+                correlation=correlation or request.request_id,
+                reason=reason,
+                message=message,
+            )
+        except Exception:
+            log.exception("progress event %s of %s failed", event, request.request_id)
 
     async def _duplicate_answer(self, request_id: str) -> Answer | None:
         cached = self._answers.get(request_id)
@@ -792,6 +985,10 @@ class Service:
             log.error("could not dead-letter offset %s: %s", record.offset, perr)
             return False
         self.stats.dead_lettered += 1
+        if request is not None:
+            self._progress_event(
+                request, JobEvent.FAILED, correlation=correlation, reason=reason, message=str(exc)
+            )
         self.stats.dead_letters_by_reason[reason] += 1
         self.metrics.dead_letters.labels(reason).inc()
         self.metrics.requests.labels("dead_lettered").inc()
@@ -824,6 +1021,10 @@ class Service:
         ]
         # Kafka needs a key or a value: an empty value, the headers say what it was
         return Answer(self.settings.dlq_topic, b"", None, kept)
+
+    def _on_admission_queue(self, counts: dict[Priority, int]) -> None:
+        for priority, n in counts.items():
+            self.metrics.admission_waiting.labels(priority.value).set(n)
 
     def _on_batch(self, rec: BatchRecord) -> None:
         self.metrics.batch_size.labels(rec.model).observe(rec.rows)

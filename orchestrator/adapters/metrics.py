@@ -97,5 +97,57 @@ class Metrics:
             registry=r,
         )
 
+        self.progress_events = Counter(
+            "orchestrator_progress_events",
+            "Progress events acknowledged by the broker, by event",
+            ["event"],
+            registry=r,
+        )
+        self.progress_dropped = Counter(
+            "orchestrator_progress_dropped",
+            "Progress events dropped (queue_full, timeout, unknown_topic, broker_error, "
+            "too_large, encode_error, unavailable, shutdown)",
+            ["reason"],
+            registry=r,
+        )
+        self.previews_dropped = Counter(
+            "orchestrator_previews_dropped",
+            "Previews left out of their event because no encoding fit preview_max_bytes",
+            registry=r,
+        )
+        self.cancels = Counter(
+            "orchestrator_cancels",
+            "Cancel commands by where they found their request (waiting, running, "
+            "before_request, unknown_or_finished)",
+            ["where"],
+            registry=r,
+        )
+        self.control_records = Counter(
+            "orchestrator_control_records",
+            "Records read from the control topic, by outcome (applied, ignored, undecodable)",
+            ["outcome"],
+            registry=r,
+        )
+        self.admission_waiting = Gauge(
+            "orchestrator_admission_waiting",
+            "Jobs fetched and waiting for a slot, by priority",
+            ["priority"],
+            registry=r,
+        )
+        self.admission_wait = Histogram(
+            "orchestrator_admission_wait_seconds",
+            "Time a job waited for its slot, by priority",
+            ["priority"],
+            buckets=(0.005, 0.025, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+            registry=r,
+        )
+        self.admission_refused = Counter(
+            "orchestrator_admission_refused",
+            "Jobs answered deadline_exceeded at admission (deadline passed or cannot be met), "
+            "by priority",
+            ["priority"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,6 +22,8 @@ def make_settings(kafka: Any, triton: Any, **overrides: Any) -> Settings:
         "request_topic": f"req-{tag}",
         "response_topic": f"resp-{tag}",
         "dlq_topic": f"dlq-{tag}",
+        "progress_topic": f"progress-{tag}",
+        "control_topic": f"control-{tag}",
         "group_id": f"group-{tag}",
         "session_timeout_ms": 2000,
         "heartbeat_interval_ms": 300,
