@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from orchestrator.config import Settings
 from orchestrator.core.schedulers import ALIASES
-from orchestrator.domain import GenerationRequest
+from orchestrator.domain import GenerationRequest, Priority
 from orchestrator.errors import OrchestratorError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -65,6 +66,14 @@ def request_from_args(args: argparse.Namespace, request_id: str = "") -> Generat
         init_image=init,
         strength=args.strength,
         request_id=request_id,
+        # submit's own flags; absent in commands without them (generate)
+        priority=getattr(args, "priority", "normal"),
+        preview=getattr(args, "preview_dir", None) is not None,
+        deadline=(
+            None
+            if getattr(args, "deadline_s", None) is None
+            else time.time() + float(args.deadline_s)
+        ),
     )
 
 
@@ -102,7 +111,37 @@ def _add_submit(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     submit.add_argument("--timeout", type=float, default=300.0, help="seconds to wait")
     submit.add_argument("--request-id", default="", help="idempotency key (default: random)")
     submit.add_argument("--env-file", default=None, help="settings file (ORCHESTRATOR_* lines)")
+    submit.add_argument(
+        "--priority", choices=[p.value for p in Priority], default=Priority.NORMAL.value
+    )
+    submit.add_argument(
+        "--deadline-s", type=float, default=None, help="answer deadline_exceeded if not done in S s"
+    )
+    submit.add_argument(
+        "--preview-dir", type=Path, default=None, help="ask for previews and write them here"
+    )
+    submit.add_argument(
+        "--cancel-timeout",
+        type=float,
+        default=30.0,
+        help="after Ctrl-C, seconds to wait for the cancelled answer (Ctrl-C again: quit now)",
+    )
     add_request_arguments(submit)
+
+
+def _add_cancel_watch(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    cancel = sub.add_parser("cancel", help="cancel a request by id (through the control topic)")
+    cancel.add_argument("request_id", metavar="REQUEST_ID")
+    cancel.add_argument("--reason", default=None, help="carried by the cancel and its event")
+    cancel.add_argument("--wait", action="store_true", help="wait for the request's answer")
+    cancel.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits")
+    watch = sub.add_parser("watch", help="print a request's progress events until it ends")
+    watch.add_argument("request_id", metavar="REQUEST_ID")
+    watch.add_argument("--json", action="store_true", help="one JSON object per line")
+    watch.add_argument("--timeout", type=float, default=0.0, help="seconds (default: no limit)")
+    for p in (cancel, watch):
+        p.add_argument("--bootstrap-servers", default=None, help="default: from settings")
+        p.add_argument("--env-file", default=None, help="settings file (ORCHESTRATOR_* lines)")
 
 
 def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -156,49 +195,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 async def _submit(args: argparse.Namespace, settings: Settings) -> int:
-    import time
+    from orchestrator.client_cli import run_submit
 
-    from orchestrator.adapters.avro import make_codec
-    from orchestrator.client import Client
-    from orchestrator.imagefile import output_paths
-    from orchestrator.service import kafka_settings
-
-    request = request_from_args(args, request_id=args.request_id)
-    async with Client(
-        kafka_settings(settings),
-        request_topic=settings.request_topic,
-        response_topic=settings.response_topic,
-        dlq_topic=settings.dlq_topic,
-        codec=make_codec(settings),  # the service's schema ids: local or its registry's
-    ) as client:
-        rid = await client.send(request)
-        start = time.monotonic()
-        print(f"submitted {rid} to {settings.request_topic}", flush=True)
-        while True:
-            try:
-                answer = await client.wait(rid, timeout=2.0)
-                break
-            except TimeoutError:
-                waited = time.monotonic() - start
-                if waited >= args.timeout:
-                    print(f"error: no answer for {rid} after {args.timeout:.0f} s", file=sys.stderr)
-                    return 3
-                print(f"waiting for {rid}: {waited:.0f} s", flush=True)
-    if answer.result is None:
-        print(f"error: request {rid} failed: {answer.reason}", file=sys.stderr)
-        return 1
-    paths = output_paths(args.out, len(answer.result.images))
-    for path, image in zip(paths, answer.result.images, strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if image.png is not None:
-            path.write_bytes(image.png)
-        elif image.uri is not None:
-            from urllib.parse import urlparse
-            from urllib.request import url2pathname
-
-            path.write_bytes(Path(url2pathname(urlparse(image.uri).path)).read_bytes())
-        print(path.resolve(), flush=True)
-    return 0
+    return await run_submit(args, settings, request_from_args(args, request_id=args.request_id))
 
 
 async def _generate(args: argparse.Namespace) -> int:
@@ -264,6 +263,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run_dev(stack, settings))
     if args.command == "submit":
         return asyncio.run(_submit(args, settings))
+    if args.command in ("cancel", "watch"):
+        from orchestrator.client_cli import run_cancel, run_watch
+
+        run = run_cancel if args.command == "cancel" else run_watch
+        return asyncio.run(run(args, settings))
     if args.command == "generate":
         try:
             return asyncio.run(_generate(args))

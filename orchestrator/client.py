@@ -1,25 +1,39 @@
-"""Client side: send requests and wait for their answers (result or dead letter).
+"""Client side: send requests, follow their progress, cancel them, wait for their answers.
 
 `ReplyWatcher` reads the response and dead-letter topics from their current end and delivers one
 answer per request id: a duplicate (a redelivered request answered twice) is counted, not
-delivered again. Used by `orchestrator submit`, the tests, the benchmark and the load test.
+delivered again. `ProgressWatcher` tails the progress topic the same way (no consumer group, from
+its end when the client starts) and hands each request's events to whoever follows it.
+`Client.submit` and `Client.watch` return a `JobHandle`: an async iterator of the request's
+progress events that ends with its terminal event (or one made from the answer: events are
+advisory and may be dropped, the answer is not), `result()` and `cancel()`. Used by `orchestrator
+submit/cancel/watch`, the tests, the benchmark and the load test.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
+import logging
 import time
 import uuid
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import TopicPartition
 from opentelemetry import trace
 
-from orchestrator.adapters.avro import AvroCodec, GenerationResultRecord
+from orchestrator.adapters.avro import (
+    COMMAND_CANCEL,
+    OUTCOME_CANCELLED,
+    AvroCodec,
+    ControlCommandRecord,
+    GenerationResultRecord,
+    ProgressEventRecord,
+)
 from orchestrator.adapters.kafka import (
     CORRELATION_ID_HEADER,
     DLQ_ERROR_CLASS,
@@ -32,7 +46,12 @@ from orchestrator.adapters.kafka import (
     header_str,
 )
 from orchestrator.adapters.tracing import get_tracer, producer_span
-from orchestrator.domain import GenerationRequest
+from orchestrator.domain import GenerationRequest, JobEvent
+
+if TYPE_CHECKING:
+    from orchestrator.config import Settings
+
+log = logging.getLogger("orchestrator.client")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,16 +68,61 @@ class Answer:
 
     @property
     def ok(self) -> bool:
-        return self.result is not None
+        """True when it succeeded (a result with images, not a cancelled one)."""
+        return self.result is not None and self.result.outcome != OUTCOME_CANCELLED
+
+    @property
+    def cancelled(self) -> bool:
+        """True for a `cancelled` answer: a result record without images."""
+        return self.result is not None and self.result.outcome == OUTCOME_CANCELLED
+
+    @property
+    def event(self) -> JobEvent:
+        """The terminal event this answer means: finished, cancelled or failed."""
+        if self.cancelled:
+            return JobEvent.CANCELLED
+        return JobEvent.FINISHED if self.result is not None else JobEvent.FAILED
 
     @property
     def reason(self) -> str:
+        if self.cancelled:
+            return "cancelled"
         if self.failure is None:
             return ""
         return (
             f"{self.failure.get('reason', '?')} at {self.failure.get('stage') or '?'}: "
             f"{self.failure.get('message', '')}"
         )
+
+
+async def tail(
+    settings: KafkaSettings, topics: Sequence[str], fetch_max_wait_ms: int = 20
+) -> tuple[Any, list[TopicPartition]]:
+    """A started consumer without a group, assigned every partition of `topics` that exists and
+    positioned at their current end (resolved now, so nothing produced after this returns is
+    missed). The partition list is empty when none of the topics exists."""
+    consumer = AIOKafkaConsumer(
+        **settings.client_kwargs(),
+        enable_auto_commit=False,
+        group_id=None,
+        fetch_max_wait_ms=fetch_max_wait_ms,
+    )
+    await consumer.start()
+    try:
+        partitions = []
+        await consumer.topics()  # fetches the cluster metadata
+        for topic in topics:
+            for p in sorted(consumer.partitions_for_topic(topic) or ()):
+                partitions.append(TopicPartition(topic, p))
+        if partitions:
+            consumer.assign(partitions)
+            await consumer.seek_to_end(*partitions)
+            for tp in partitions:
+                await consumer.position(tp)
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer, partitions
 
 
 class ReplyWatcher:
@@ -86,27 +150,10 @@ class ReplyWatcher:
         self.unmatched = 0
 
     async def start(self) -> None:
-        kwargs = self.settings.client_kwargs()
-        consumer = AIOKafkaConsumer(
-            **kwargs,
-            enable_auto_commit=False,
-            group_id=None,
-            fetch_max_wait_ms=self.fetch_max_wait_ms,
-        )
-        await consumer.start()
-        partitions = []
-        await consumer.topics()  # fetches the cluster metadata
-        for topic in self.topics:
-            for p in sorted(consumer.partitions_for_topic(topic) or ()):
-                partitions.append(TopicPartition(topic, p))
+        consumer, partitions = await tail(self.settings, self.topics, self.fetch_max_wait_ms)
         if not partitions:
             await consumer.stop()
             raise RuntimeError(f"none of the topics {self.topics} exist on the broker")
-        consumer.assign(partitions)
-        await consumer.seek_to_end(*partitions)
-        # resolve the end positions now, so nothing produced after start() is missed
-        for tp in partitions:
-            await consumer.position(tp)
         self._consumer = consumer
         self._task = asyncio.create_task(self._loop())
 
@@ -131,6 +178,9 @@ class ReplyWatcher:
             fut = asyncio.get_running_loop().create_future()
             self._waiters[request_id] = fut
             self._sent_at[request_id] = time.monotonic()
+            answered = self.answered.get(request_id)
+            if answered is not None:
+                fut.set_result(answered)
         return fut
 
     async def _loop(self) -> None:
@@ -186,8 +236,226 @@ class ReplyWatcher:
             fut.set_result(answer)
 
 
+class _Subscription:
+    """The events of one request, as the watcher received them, for one follower."""
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self.events: collections.deque[ProgressEventRecord] = collections.deque()
+        self.arrived = asyncio.Event()
+
+    def put(self, event: ProgressEventRecord) -> None:
+        self.events.append(event)
+        self.arrived.set()
+
+
+class ProgressWatcher:
+    """Tails the progress topic (no consumer group, every partition, from its end at start) and
+    hands each request's events, in the order they were produced, to its subscriptions.
+
+    Records are keyed by request id: a record whose key names no subscribed request is skipped
+    without being decoded (previews make some records kilobytes). Events of requests nobody
+    follows are not kept. A progress topic that does not exist is not an error (a service
+    without progress events): the watcher then delivers nothing and `available` is False.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        topic: str,
+        codec: AvroCodec,
+        fetch_max_wait_ms: int = 20,
+    ) -> None:
+        self.settings = settings
+        self.topic = topic
+        self.codec = codec
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.available = False
+        self.undecodable = 0
+        self._consumer: Any = None
+        self._task: asyncio.Task[None] | None = None
+        self._subs: dict[str, list[_Subscription]] = {}
+
+    async def start(self) -> None:
+        consumer, partitions = await tail(self.settings, [self.topic], self.fetch_max_wait_ms)
+        if not partitions:
+            log.warning("progress topic %s does not exist: no progress events", self.topic)
+            await consumer.stop()
+            return
+        self.available = True
+        self._consumer = consumer
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._consumer is not None:
+            await self._consumer.stop()
+            self._consumer = None
+
+    def subscribe(self, request_id: str) -> _Subscription:
+        sub = _Subscription(request_id)
+        self._subs.setdefault(request_id, []).append(sub)
+        return sub
+
+    def unsubscribe(self, sub: _Subscription) -> None:
+        subs = self._subs.get(sub.request_id, [])
+        if sub in subs:
+            subs.remove(sub)
+        if not subs:
+            self._subs.pop(sub.request_id, None)
+
+    async def _loop(self) -> None:
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=200)
+            for records in batches.values():
+                for record in records:
+                    await self._on_record(record)
+
+    async def _on_record(self, record: Any) -> None:
+        key = record.key
+        if key is not None:
+            rid = bytes(key).decode("utf-8", "replace")
+            if rid not in self._subs:
+                return
+        elif not self._subs:
+            return
+        try:
+            await self.codec.resolve(record.value)
+            event = self.codec.decode_progress(record.value)
+        except Exception:
+            self.undecodable += 1
+            return
+        for sub in self._subs.get(event.request_id, ()):
+            sub.put(event)
+
+
+def _is_terminal(event: ProgressEventRecord) -> bool:
+    try:
+        return JobEvent(event.event).terminal
+    except ValueError:  # an event a newer service knows and this client does not
+        return False
+
+
+class JobHandle:
+    """One request followed by a client: its progress events, its answer, its cancellation.
+
+    `async for event in handle` yields the request's progress events as they arrive and ends
+    after a terminal one (finished, failed, cancelled). Progress is advisory: when the answer
+    arrives first and no terminal event follows within `grace_s`, the iteration ends with a
+    terminal event made from the answer (its `message` says so), so it always ends once the
+    request is answered. Close the handle (or use it as a context manager) to stop following.
+    """
+
+    #: seconds the event iterator waits, once the answer is in, for the terminal progress event
+    grace_s = 0.5
+
+    def __init__(self, client: Client, request_id: str, sub: _Subscription | None) -> None:
+        self.client = client
+        self.request_id = request_id
+        self._sub = sub
+        self._answer = client.watcher.expect(request_id)
+        #: the last event the iterator yielded
+        self.last: ProgressEventRecord | None = None
+        self.cancel_sent = False
+
+    def __aiter__(self) -> AsyncIterator[ProgressEventRecord]:
+        return self.events()
+
+    async def __aenter__(self) -> JobHandle:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop receiving this request's progress events."""
+        sub, self._sub = self._sub, None
+        if sub is not None and self.client.progress is not None:
+            self.client.progress.unsubscribe(sub)
+
+    @property
+    def answered(self) -> bool:
+        return self._answer.done()
+
+    async def events(self) -> AsyncIterator[ProgressEventRecord]:
+        """The request's progress events, ending with a terminal one (see the class)."""
+        loop = asyncio.get_running_loop()
+        sub = self._sub
+        grace_until: float | None = None
+        while True:
+            while sub is not None and sub.events:
+                event = sub.events.popleft()
+                self.last = event
+                yield event
+                if _is_terminal(event):
+                    return
+            if self._answer.done():
+                if grace_until is None:
+                    grace_until = loop.time() + self.grace_s
+                left = grace_until - loop.time()
+                if sub is None or left <= 0:
+                    event = self._from_answer(self._answer.result())
+                    self.last = event
+                    yield event
+                    return
+                sub.arrived.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(sub.arrived.wait(), left)
+                continue
+            waits: set[asyncio.Future[Any]] = {self._answer}
+            arrived: asyncio.Task[bool] | None = None
+            if sub is not None:
+                sub.arrived.clear()
+                arrived = asyncio.create_task(sub.arrived.wait())
+                waits.add(arrived)
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if arrived is not None:
+                    arrived.cancel()
+
+    def _from_answer(self, answer: Answer) -> ProgressEventRecord:
+        last = self.last
+        steps = last.steps if last is not None else 0
+        event = answer.event
+        step = steps if event is JobEvent.FINISHED else (last.step if last is not None else 0)
+        failure = answer.failure or {}
+        return ProgressEventRecord(
+            request_id=self.request_id,
+            event=event.value,
+            timestamp_ms=int(time.time() * 1000),
+            step=step,
+            steps=steps,
+            elapsed_ms=last.elapsed_ms if last is not None else 0.0,
+            reason=failure.get("reason") or None,
+            message=failure.get("message") or "from the answer (no terminal progress event)",
+        )
+
+    async def result(self, timeout: float | None = None) -> Answer:
+        """The answer: a result, a `cancelled` result (`answer.cancelled`) or a dead letter
+        (`answer.failure`). Raises TimeoutError after `timeout` seconds (None: no limit)."""
+        return await asyncio.wait_for(asyncio.shield(self._answer), timeout)
+
+    async def cancel(
+        self, reason: str | None = None, *, wait: bool = False, timeout: float | None = 30.0
+    ) -> Answer | None:
+        """Produce a `cancel` command for this request; with `wait`, return its final answer
+        (`cancelled`, or the result or dead letter that won the race). Cancelling is
+        idempotent: a finished request stays answered as it was."""
+        await self.client.cancel(self.request_id, reason)
+        self.cancel_sent = True
+        if not wait:
+            return None
+        return await self.result(timeout)
+
+
 class Client:
-    """Produce requests and await their answers."""
+    """Produce requests and await their answers; with `progress_topic`, follow their progress
+    (`submit`, `watch`); with `control_topic`, cancel them (`cancel`)."""
 
     def __init__(
         self,
@@ -196,6 +464,8 @@ class Client:
         request_topic: str = "diffusion.requests",
         response_topic: str = "diffusion.responses",
         dlq_topic: str = "diffusion.requests.dlq",
+        progress_topic: str | None = None,
+        control_topic: str | None = None,
         codec: AvroCodec | None = None,
         max_record_bytes: int = 16 * 1024 * 1024,
         tracer_provider: trace.TracerProvider | None = None,
@@ -205,16 +475,45 @@ class Client:
         self.codec = codec or AvroCodec()
         self.request_topic = request_topic
         self.response_topic = response_topic
+        self.control_topic = control_topic
         self.producer = KafkaProducerAdapter(settings, max_record_bytes=max_record_bytes)
         self.watcher = ReplyWatcher(settings, [response_topic], dlq_topic, self.codec)
+        self.progress = (
+            ProgressWatcher(settings, progress_topic, self.codec) if progress_topic else None
+        )
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, codec: AvroCodec | None = None, **kwargs: Any
+    ) -> Client:
+        """A client of the service these settings describe: its Kafka connection, topics and
+        (unless `codec` is given) its schema ids, local or its registry's."""
+        if codec is None:
+            from orchestrator.adapters.avro import make_codec
+
+            codec = make_codec(settings)
+        return cls(
+            settings.kafka("-client"),
+            request_topic=settings.request_topic,
+            response_topic=settings.response_topic,
+            dlq_topic=settings.dlq_topic,
+            progress_topic=settings.progress_topic,
+            control_topic=settings.control_topic,
+            codec=codec,
+            **kwargs,
+        )
 
     async def start(self) -> None:
         await self.codec.prepare()  # the writer schema ids (a registry call, or local ids)
         await self.watcher.start()
+        if self.progress is not None:
+            await self.progress.start()
         await self.producer.start()
 
     async def stop(self) -> None:
         await self.producer.stop()
+        if self.progress is not None:
+            await self.progress.stop()
         await self.watcher.stop()
         if self._owns_codec:
             await self.codec.aclose()
@@ -262,3 +561,52 @@ class Client:
     async def generate(self, request: GenerationRequest, timeout: float = 300.0) -> Answer:
         rid = await self.send(request)
         return await self.wait(rid, timeout)
+
+    async def submit(
+        self, request: GenerationRequest, *, headers: Headers | None = None
+    ) -> JobHandle:
+        """Produce one request and follow it: the handle's events start with the first one the
+        service emits after this call (the client's watchers were positioned when it started)."""
+        rid = request.request_id or uuid.uuid4().hex
+        if rid != request.request_id:
+            request = dataclasses.replace(request, request_id=rid)
+        handle = self.watch(rid)
+        try:
+            await self.send(request, headers=headers)
+        except BaseException:
+            handle.close()
+            raise
+        return handle
+
+    def watch(self, request_id: str) -> JobHandle:
+        """Follow a request submitted elsewhere: its events from now on, and its answer if it
+        arrives after this client started."""
+        progress = self.progress
+        sub = (
+            progress.subscribe(request_id) if progress is not None and progress.available else None
+        )
+        return JobHandle(self, request_id, sub)
+
+    async def cancel(self, request_id: str, reason: str | None = None) -> None:
+        """Produce a `cancel` command for `request_id` to the control topic (keyed by the id,
+        with its correlation id and a `traceparent`); returns once the broker has it."""
+        if not self.control_topic:
+            raise RuntimeError("this client has no control topic: pass control_topic")
+        command = ControlCommandRecord(
+            command=COMMAND_CANCEL,
+            request_id=request_id,
+            issued_ms=int(time.time() * 1000),
+            reason=reason,
+        )
+        with producer_span(
+            self.tracer,
+            self.control_topic,
+            [(CORRELATION_ID_HEADER, request_id.encode())],
+            message_id=request_id,
+        ) as out:
+            await self.producer.publish(
+                self.control_topic,
+                self.codec.encode_control(command),
+                key=request_id.encode(),
+                headers=out,
+            )
