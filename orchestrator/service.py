@@ -136,6 +136,8 @@ class _Progress:
     request: GenerationRequest | None = None
     stats: JobStats = dataclasses.field(default_factory=JobStats)
     acknowledged: bool = False
+    #: answered with outcome cancelled (a cancel command stopped it)
+    cancelled: bool = False
 
 
 _STAGE_OF_MODEL = {
@@ -625,7 +627,7 @@ class Service:
                 )
                 self._remember(request.request_id, answer)
             self.stats.answered += 1
-            self.metrics.requests.labels("answered").inc()
+            self.metrics.requests.labels("cancelled" if progress.cancelled else "answered").inc()
             self.stats.retries += stats.retries
             return True
         except _RetryLater:
@@ -660,7 +662,7 @@ class Service:
             generated = await self._cancellable_job(request, progress, span)
             if generated is None:  # cancelled by a command: answered, not dead-lettered
                 answer = await self._publish_cancelled(request, reply_topic, answer_headers)
-                progress.acknowledged = True
+                progress.acknowledged = progress.cancelled = True
                 self._progress_event(request, JobEvent.CANCELLED, reason="cancelled")
                 fut.set_result(answer)
                 return answer
