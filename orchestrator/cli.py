@@ -151,6 +151,13 @@ def _add_bench(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     add_bench_arguments(bench)
 
 
+def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    gateway = sub.add_parser("gateway", help="the HTTP gateway (ORCHESTRATOR_GATEWAY_* settings)")
+    gateway.add_argument("--host", default=None, help="default: 127.0.0.1 (the host setting)")
+    gateway.add_argument("--port", type=int, default=None, help="default: 8080 (the port setting)")
+    gateway.add_argument("--env-file", default=None, help="settings file (ORCHESTRATOR_* lines)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrator", description=__doc__)
     parser.add_argument(
@@ -166,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_dev(sub)
     _add_submit(sub)
+    _add_cancel_watch(sub)
     _add_bench(sub)
+    _add_gateway(sub)
     return parser
 
 
@@ -274,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OrchestratorError as exc:
             print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
             return 1
+    if args.command == "gateway":
+        from orchestrator.gateway.server import serve_command
+
+        return serve_command(settings, host=args.host, port=args.port)
     if args.command == "bench":
         from orchestrator.bench import run_bench
 

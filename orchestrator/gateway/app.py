@@ -1,0 +1,708 @@
+"""The gateway's HTTP application: `create_app(settings, gateway)` gives a fresh FastAPI app.
+
+Routes: the OpenAI-shaped synchronous `POST /v1/images/generations`; the async jobs API
+(`POST /v1/jobs`, `GET /v1/jobs/{id}`, `GET /v1/jobs/{id}/events` as Server-Sent Events,
+`POST /v1/jobs/{id}/cancel`); `GET /v1/images/{id}/{index}.png`; `/healthz`, `/readyz`,
+`/metrics`; the playground at `/`. Every job route needs a bearer API key; a job is visible to
+the key that created it only (404 for any other).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from opentelemetry import trace
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+
+from orchestrator.adapters.avro import AvroCodec
+from orchestrator.adapters.kafka import CORRELATION_ID_HEADER
+from orchestrator.adapters.tracing import extract, get_tracer, producer_span
+from orchestrator.config import Settings
+from orchestrator.core.envelope import check_envelope
+from orchestrator.domain import GenerationRequest
+from orchestrator.errors import ValidationError
+from orchestrator.gateway import webhook
+from orchestrator.gateway.auth import ApiKey, KeyStore, TokenBucket, retry_after_header
+from orchestrator.gateway.backend import Backend, KafkaUnavailable
+from orchestrator.gateway.jobs import (
+    FAILED,
+    SUCCEEDED,
+    Job,
+    Registration,
+    progress_data,
+)
+from orchestrator.gateway.settings import GatewaySettings
+
+log = logging.getLogger("orchestrator.gateway")
+
+_SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
+_SCHEDULER = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+_RETRY_KAFKA_S = 5
+
+
+# ---------------------------------------------------------------------------------------------
+# request bodies
+
+
+class GenerationBody(BaseModel):
+    """The OpenAI Images request shape plus the orchestrator's own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(min_length=1, max_length=100_000)
+    n: int = Field(1, ge=1, le=64)
+    size: str | None = Field(None, max_length=11, description='"WxH", e.g. "512x512"')
+    response_format: Literal["b64_json", "url"] = "url"
+    user: str | None = Field(None, max_length=256)
+    negative_prompt: str = Field("", max_length=100_000)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    steps: int | None = Field(None, ge=1, le=10_000)
+    scheduler: str | None = Field(None, max_length=64)
+    guidance_scale: float | None = Field(None, ge=0.0, le=100.0, allow_inf_nan=False)
+    priority: Literal["high", "normal", "low"] = "normal"
+
+
+class JobBody(GenerationBody):
+    webhook: str | None = Field(None, max_length=2048, description="http(s) URL")
+    preview: bool = False
+
+
+def _field_error(field: str, message: str, where: str = "body") -> JSONResponse:
+    return JSONResponse(
+        status_code=422,
+        content={"detail": [{"loc": [where, field], "msg": message, "type": "value_error"}]},
+    )
+
+
+class _Refused(Exception):
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+def _to_request(body: GenerationBody, job_id: str, settings: Settings) -> GenerationRequest:
+    """The service's request, checked against the service's limits (ValidationError)."""
+    limits = settings.limits()
+    width = height = None
+    if body.size is not None:
+        m = _SIZE.match(body.size)
+        if m is None:
+            raise ValidationError("size", f'must be "WxH", e.g. "512x512", got {body.size!r}')
+        width, height = int(m[1]), int(m[2])
+        if width > limits.max_width or height > limits.max_height:
+            raise ValidationError(
+                "size", f"at most {limits.max_width}x{limits.max_height}, got {body.size}"
+            )
+    if len(body.prompt) > limits.max_prompt_chars:
+        raise ValidationError(
+            "prompt", f"is {len(body.prompt)} characters, over {limits.max_prompt_chars}"
+        )
+    if len(body.negative_prompt) > limits.max_prompt_chars:
+        raise ValidationError("negative_prompt", f"over {limits.max_prompt_chars} characters")
+    if body.n > limits.max_num_images:
+        raise ValidationError("n", f"must be between 1 and {limits.max_num_images}")
+    if body.steps is not None and body.steps > limits.max_steps:
+        raise ValidationError("steps", f"must be between 1 and {limits.max_steps}")
+    if body.scheduler is not None and not _SCHEDULER.match(body.scheduler):
+        raise ValidationError("scheduler", "letters, digits and _ only")
+    defaults = GenerationRequest(prompt="")
+    request = GenerationRequest(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        seed=body.seed if body.seed is not None else uuid.uuid4().int % 2**31,
+        steps=body.steps or defaults.steps,
+        scheduler=body.scheduler or defaults.scheduler,
+        guidance_scale=(
+            body.guidance_scale if body.guidance_scale is not None else defaults.guidance_scale
+        ),
+        width=width,
+        height=height,
+        num_images=body.n,
+        request_id=job_id,
+        metadata={"gateway.user": body.user} if body.user else {},
+        priority=body.priority,
+        preview=bool(getattr(body, "preview", False)),
+    )
+    check_envelope(request, settings.envelope_limits(), time.time())
+    return request
+
+
+def _body_hash(body: BaseModel) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# body size limit (pure ASGI, before anything reads the body)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        too_large = JSONResponse(
+            status_code=413, content={"detail": f"body over {self.limit} bytes"}
+        )
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0 or declared > self.limit:
+                    await too_large(scope, receive, send)
+                    return
+        seen = 0
+        started = False
+
+        async def counted() -> MutableMapping[str, Any]:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        async def tracked(message: MutableMapping[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, tracked)
+        except _TooLarge:
+            if not started:
+                await too_large(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------
+# the app
+
+
+class Gateway:
+    """What the routes share: settings, keys, the Kafka backend, limits, metrics."""
+
+    def __init__(
+        self, settings: Settings, gateway: GatewaySettings, keys: KeyStore, backend: Backend
+    ) -> None:
+        self.settings = settings
+        self.gw = gateway
+        self.keys = keys
+        self.backend = backend
+        self.replica = uuid.uuid4().hex[:12]
+        self.buckets: dict[str, TokenBucket] = {}
+        self.in_flight: dict[str, int] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.tracer = get_tracer()
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "gateway_http_requests",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "gateway_http_request_seconds",
+            "HTTP request latency by route (to the response's start; streams excluded)",
+            ["route", "method"],
+            registry=self.registry,
+        )
+
+    # -- keys and limits ---------------------------------------------------------------------
+
+    def authorize(self, request: Request, route: str) -> ApiKey:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        key = self.keys.authenticate(token.strip()) if scheme.lower() == "bearer" else None
+        if key is None:
+            raise _Refused(
+                JSONResponse(
+                    status_code=401,
+                    content={"detail": "a valid API key is needed: Authorization: Bearer KEY"},
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            )
+        if not key.allows(route):
+            raise _Refused(
+                JSONResponse(status_code=403, content={"detail": f"key not allowed {route}"})
+            )
+        now = time.monotonic()
+        bucket = self.buckets.get(key.key_id)
+        if bucket is None:
+            bucket = self.buckets[key.key_id] = TokenBucket(key.rate_per_s, key.burst, now)
+        wait = bucket.take(now)
+        if wait > 0:
+            raise _Refused(
+                JSONResponse(
+                    status_code=429,
+                    content={"detail": "rate limit"},
+                    headers={"Retry-After": retry_after_header(wait)},
+                )
+            )
+        return key
+
+    @contextlib.contextmanager
+    def slot(self, key: ApiKey) -> Any:
+        """One of the key's concurrent requests (429 when all are taken)."""
+        if self.in_flight.get(key.key_id, 0) >= key.max_concurrent:
+            raise _Refused(
+                JSONResponse(
+                    status_code=429,
+                    content={"detail": f"more than {key.max_concurrent} requests in flight"},
+                    headers={"Retry-After": "1"},
+                )
+            )
+        self.in_flight[key.key_id] = self.in_flight.get(key.key_id, 0) + 1
+        try:
+            yield
+        finally:
+            self.in_flight[key.key_id] -= 1
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    async def job_for(self, key: ApiKey, job_id: str) -> Job:
+        """The job if `key` created it; 404 otherwise (waiting briefly for the tail)."""
+        job = self.backend.book.get(job_id)
+        if job is None or job.registration is None:
+            await self.backend.catch_up(self.gw.catchup_wait_s)
+            job = self.backend.book.get(job_id)
+        if job is None or job.registration is None or job.registration.owner != key.key_id:
+            raise _Refused(JSONResponse(status_code=404, content={"detail": "no such job"}))
+        return job
+
+    def image_url(self, job_id: str, index: int) -> str:
+        return f"{self.gw.image_base_url.rstrip('/')}/v1/images/{job_id}/{index}.png"
+
+    def job_json(self, job: Job) -> dict[str, Any]:
+        reg = job.registration
+        out: dict[str, Any] = {
+            "id": job.job_id,
+            "status": job.status,
+            "created_at": reg.created_ms if reg else None,
+            "started_at": job.started_ms,
+            "finished_at": job.finished_ms,
+            "progress": {"step": job.step, "steps": job.steps},
+            "queue_position": job.queue_position,
+            "error": (
+                {"reason": job.reason, "message": job.message} if job.status == FAILED else None
+            ),
+            "images": [
+                {
+                    "index": img.index,
+                    "width": img.width,
+                    "height": img.height,
+                    "url": self.image_url(job.job_id, img.index),
+                }
+                for img in job.images
+            ],
+            "seed": job.result.seed if job.result is not None else None,
+            "urls": {
+                "self": f"/v1/jobs/{job.job_id}",
+                "events": f"/v1/jobs/{job.job_id}/events",
+                "cancel": f"/v1/jobs/{job.job_id}/cancel",
+            },
+        }
+        return out
+
+    async def image_bytes(self, job: Job, index: int) -> bytes | None:
+        for img in job.images:
+            if img.index != index:
+                continue
+            if img.png is not None:
+                return img.png
+            if img.uri is not None:
+                path = self._stored_path(img.uri)
+                if path is not None:
+                    with contextlib.suppress(OSError):
+                        return await asyncio.to_thread(path.read_bytes)
+        return None
+
+    def _stored_path(self, uri: str) -> Path | None:
+        """The file under the service's output_dir that `uri` names, or None."""
+        root = self.settings.output_dir.resolve()
+        base = self.settings.output_uri_base
+        if base and uri.startswith(base.rstrip("/") + "/"):
+            path = root / uri[len(base.rstrip("/")) + 1 :]
+        elif uri.startswith("file://"):
+            path = Path(uri[len("file://") :])
+        else:
+            return None
+        path = path.resolve()
+        return path if path.is_relative_to(root) and path.suffix == ".png" else None
+
+    async def submit(
+        self, request: Request, key: ApiKey, body: GenerationBody, idem: str | None
+    ) -> tuple[Job, bool]:
+        """Register and send a job; (job, created). An Idempotency-Key seen before with the same
+        body gives its job again (created False); with another body, 422."""
+        digest = _body_hash(body)
+        now_ms = int(time.time() * 1000)
+        ttl_ms = int(self.gw.idempotency_ttl_s * 1000)
+        if idem is not None:
+            if not 1 <= len(idem) <= 255:
+                raise _Refused(_field_error("Idempotency-Key", "1 to 255 characters", "header"))
+            await self.backend.catch_up(self.gw.catchup_wait_s)
+            seen = self.backend.book.by_idempotency_key(key.key_id, idem, now_ms, ttl_ms)
+            if seen is not None:
+                if seen.body_sha256 != digest:
+                    raise _Refused(
+                        _field_error("Idempotency-Key", "already used with another body", "header")
+                    )
+                job = self.backend.book.get(seen.job_id)
+                assert job is not None
+                return job, False
+        webhook_url = getattr(body, "webhook", None)
+        if webhook_url is not None:
+            if not re.match(r"^https?://[^\s/]+", webhook_url):
+                raise _Refused(_field_error("webhook", "must be an http(s) URL"))
+            if self.gw.webhook_secret is None:
+                raise _Refused(_field_error("webhook", "webhooks are not enabled on this gateway"))
+        job_id = f"gw-{uuid.uuid4().hex}"
+        try:
+            gen = _to_request(body, job_id, self.settings)
+        except ValidationError as exc:
+            raise _Refused(_field_error(exc.field, str(exc))) from exc
+        reg = Registration(
+            job_id=job_id,
+            owner=key.key_id,
+            created_ms=now_ms,
+            body_sha256=digest,
+            idempotency_key=idem,
+            webhook=webhook_url,
+            response_format=body.response_format,
+            preview=gen.preview,
+            replica=self.replica,
+        )
+        ctx = extract([("traceparent", v.encode()) for v in request.headers.getlist("traceparent")])
+        with self.tracer.start_as_current_span(
+            f"{request.method} {request.url.path}", context=ctx, kind=trace.SpanKind.SERVER
+        ):
+            await self.backend.register(reg)
+            with producer_span(
+                self.tracer,
+                self.backend.request_topic,
+                [(CORRELATION_ID_HEADER, job_id.encode())],
+                message_id=job_id,
+            ) as headers:
+                await self.backend.submit(gen, list(headers))
+        if webhook_url is not None and self.gw.webhook_secret is not None:
+            task = asyncio.create_task(self._webhook(job_id, webhook_url))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        job = self.backend.book.get(job_id)
+        assert job is not None
+        return job, True
+
+    async def _webhook(self, job_id: str, url: str) -> None:
+        job = await self.backend.wait_job(job_id, timeout_s=7 * 86_400.0)
+        if job is None or not job.terminal or self.gw.webhook_secret is None:
+            return
+        body = json.dumps(self.job_json(job)).encode()
+        await webhook.deliver(
+            url,
+            body,
+            self.gw.webhook_secret.get_secret_value().encode(),
+            attempts=self.gw.webhook_attempts,
+            backoff_s=self.gw.webhook_backoff_s,
+        )
+
+
+def _needs(route: str) -> Callable[[Request], ApiKey]:
+    """A dependency: the request's API key, allowed `route` and within its rate."""
+
+    def dependency(request: Request) -> ApiKey:
+        gateway: Gateway = request.app.state.gateway
+        return gateway.authorize(request, route)
+
+    return dependency
+
+
+GenKey = Annotated[ApiKey, Depends(_needs("generations"))]
+JobsKey = Annotated[ApiKey, Depends(_needs("jobs"))]
+ImagesKey = Annotated[ApiKey, Depends(_needs("images"))]
+
+
+def _prefer_wait(prefer: str | None) -> float | None:
+    if not prefer:
+        return None
+    m = re.search(r"(?:^|[,;\s])wait=(\d{1,6})(?:$|[,;\s])", prefer)
+    return float(m[1]) if m else None
+
+
+def create_app(
+    settings: Settings,
+    gateway: GatewaySettings,
+    *,
+    keys: KeyStore | None = None,
+    backend: Backend | None = None,
+    codec: AvroCodec | None = None,
+) -> FastAPI:
+    """A fresh gateway app; its lifespan starts and stops the Kafka backend."""
+    if keys is None:
+        keys = KeyStore.load(
+            gateway.keys_file,
+            rate_per_s=gateway.rate_per_s,
+            burst=gateway.burst,
+            max_concurrent=gateway.max_concurrent,
+            extra_plain_keys=(
+                {"dev": gateway.dev_key.get_secret_value()} if gateway.dev_key else None
+            ),
+        )
+    if backend is None:
+        backend = Backend(
+            settings.kafka(".gateway"),
+            codec or AvroCodec(),
+            request_topic=settings.request_topic,
+            reply_topic=gateway.reply_topic or settings.response_topic,
+            response_topics=[settings.response_topic],
+            dlq_topic=settings.dlq_topic,
+            progress_topic=settings.progress_topic,
+            control_topic=settings.control_topic,
+            registry_topic=gateway.registry_topic,
+            lookback_s=gateway.lookback_s,
+            timeout_ms=gateway.kafka_timeout_ms,
+        )
+    gw = Gateway(settings, gateway, keys, backend)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gw.backend.start()
+        try:
+            yield
+        finally:
+            for task in list(gw.tasks):
+                task.cancel()
+            await gw.backend.stop()
+
+    app = FastAPI(
+        title="orchestrator gateway",
+        version="1",
+        lifespan=lifespan,
+        description="HTTP front door of the diffusion orchestrator (requests go through Kafka).",
+    )
+    app.state.gateway = gw
+
+    @app.exception_handler(_Refused)
+    async def refused(request: Request, exc: _Refused) -> Response:
+        return exc.response
+
+    @app.exception_handler(KafkaUnavailable)
+    async def kafka_down(request: Request, exc: KafkaUnavailable) -> Response:
+        log.warning("%s", exc)
+        return JSONResponse(
+            status_code=503,
+            content={"detail": "Kafka unavailable, try again later"},
+            headers={"Retry-After": str(_RETRY_KAFKA_S)},
+        )
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> Response:
+        log.exception("gateway: unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(status_code=500, content={"detail": "internal error"})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> Response:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(status_code=422, content={"detail": errors})
+
+    @app.middleware("http")
+    async def metrics(request: Request, call_next: Any) -> Response:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response: Response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            gw.requests.labels(path, request.method, str(status)).inc()
+            gw.latency.labels(path, request.method).observe(time.perf_counter() - start)
+
+    app.add_middleware(BodyLimit, limit=gateway.max_body_bytes)
+
+    @app.post("/v1/images/generations", tags=["openai"])
+    async def generations(request: Request, body: GenerationBody, key: GenKey) -> Response:
+        with gw.slot(key):
+            job, _ = await gw.submit(request, key, body, None)
+            job = await gw.backend.wait_job(job.job_id, gateway.sync_wait_s) or job
+        if not job.terminal:
+            return JSONResponse(
+                status_code=504,
+                content={
+                    "error": {"message": "not done in time; follow the job", "type": "timeout"},
+                    "id": job.job_id,
+                    "urls": gw.job_json(job)["urls"],
+                },
+            )
+        if job.status != SUCCEEDED:
+            code = 409 if job.status == "cancelled" else 502
+            if job.reason == "invalid_request":
+                code = 422
+            return JSONResponse(
+                status_code=code,
+                content={
+                    "error": {"message": job.message or job.status, "type": job.reason},
+                    "id": job.job_id,
+                },
+            )
+        data: list[dict[str, Any]] = []
+        for img in job.images:
+            if body.response_format == "b64_json":
+                png = await gw.image_bytes(job, img.index)
+                data.append({"b64_json": base64.b64encode(png or b"").decode("ascii")})
+            else:
+                data.append({"url": gw.image_url(job.job_id, img.index)})
+        return JSONResponse({"created": int(time.time()), "id": job.job_id, "data": data})
+
+    @app.post("/v1/jobs", status_code=202, tags=["jobs"])
+    async def create_job(
+        request: Request,
+        body: JobBody,
+        key: JobsKey,
+        idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+        prefer: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> Response:
+        with gw.slot(key):
+            job, created = await gw.submit(request, key, body, idempotency_key)
+            wait = _prefer_wait(prefer)
+            headers = {"Location": f"/v1/jobs/{job.job_id}"}
+            if wait is not None:
+                headers["Preference-Applied"] = f"wait={int(wait)}"
+                wait = min(wait, gateway.max_prefer_wait_s)
+                job = await gw.backend.wait_job(job.job_id, wait) or job
+        code = 200 if job.terminal or not created else 202
+        return JSONResponse(gw.job_json(job), status_code=code, headers=headers)
+
+    @app.get("/v1/jobs/{job_id}", tags=["jobs"])
+    async def get_job(job_id: str, key: JobsKey) -> Response:
+        job = await gw.job_for(key, job_id)
+        return JSONResponse(gw.job_json(job))
+
+    @app.post("/v1/jobs/{job_id}/cancel", status_code=202, tags=["jobs"])
+    async def cancel_job(job_id: str, key: JobsKey) -> Response:
+        job = await gw.job_for(key, job_id)
+        if not job.terminal:
+            await gw.backend.cancel(job_id, f"cancelled over HTTP by {key.key_id}")
+        return JSONResponse(gw.job_json(job), status_code=200 if job.terminal else 202)
+
+    @app.get(
+        "/v1/jobs/{job_id}/events",
+        tags=["jobs"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def job_events(
+        job_id: str,
+        key: JobsKey,
+        previews: bool = False,
+        last_event_id: Annotated[str | None, Header(max_length=32)] = None,
+    ) -> Response:
+        job = await gw.job_for(key, job_id)
+        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+
+        async def stream() -> AsyncIterator[bytes]:
+            sent = after
+            current = job
+            while True:
+                for ev in current.events[sent:]:
+                    data = json.dumps(progress_data(ev.record, previews))
+                    yield f"id: {ev.seq}\nevent: progress\ndata: {data}\n\n".encode()
+                    sent = ev.seq
+                if current.terminal:
+                    data = json.dumps(gw.job_json(current))
+                    yield f"event: outcome\ndata: {data}\n\n".encode()
+                    return
+                version = current.version
+                got = await gw.backend.wait_job(job_id, 15.0, version=version)
+                if got is not None:
+                    current = got
+                if current.version == version:
+                    yield b": keep-alive\n\n"
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get(
+        "/v1/images/{job_id}/{index}.png",
+        tags=["images"],
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    async def get_image(job_id: str, index: int, key: ImagesKey) -> Response:
+        job = await gw.job_for(key, job_id)
+        png = await gw.image_bytes(job, index)
+        if png is None and not job.terminal:
+            # another replica may have answered already: read up to now first
+            await gw.backend.catch_up(gateway.catchup_wait_s)
+            png = await gw.image_bytes(job, index)
+        if png is None:
+            return JSONResponse(status_code=404, content={"detail": "no such image"})
+        return Response(
+            png,
+            media_type="image/png",
+            headers={
+                "Cache-Control": "private, max-age=31536000, immutable",
+                "ETag": f'"{hashlib.sha256(png).hexdigest()[:32]}"',
+            },
+        )
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"])
+    async def readyz() -> Response:
+        if await gw.backend.reachable():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse(
+            status_code=503, content={"status": "kafka unreachable"}, headers={"Retry-After": "5"}
+        )
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def metrics_route() -> Response:
+        return Response(generate_latest(gw.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        page = resources.files("orchestrator.gateway").joinpath("static/index.html")
+        return HTMLResponse(page.read_text("utf-8"), headers={"Cache-Control": "no-cache"})
+
+    return app
