@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # project's machines.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv test test-unit test-fast lint demo models clean
+.PHONY: chromium venv test test-unit test-fast lint demo models clean
 
 venv: $(STAMP)
 
@@ -29,8 +29,14 @@ lint: venv
 	$(VENV)/bin/ruff check orchestrator tests bench loadtest triton_models
 	$(VENV)/bin/mypy
 
-test: venv lint
+test: venv lint chromium
 	$(VENV)/bin/pytest -q -ra
+
+# the gateway's playground test drives Debian's chromium through Playwright (never
+# `playwright install`)
+chromium:
+	command -v chromium >/dev/null || apt-get install -y chromium || \
+		(apt-get update && apt-get install -y chromium)
 
 test-unit: venv
 	$(VENV)/bin/pytest -q -ra tests/unit
