@@ -102,6 +102,7 @@ def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--service-http-port", type=int, default=None, help="default: the http_port setting"
     )
     dev.add_argument("--partitions", type=int, default=4)
+    dev.add_argument("--gateway-port", type=int, default=8080, help="the HTTP gateway's port")
     dev.add_argument("--env-file", default=None, help="settings file (ORCHESTRATOR_* lines)")
 
 
@@ -268,6 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics_port=args.metrics_port,
             partitions=args.partitions,
             service_http_port=args.service_http_port,
+            gateway_port=args.gateway_port,
         )
         return asyncio.run(run_dev(stack, settings))
     if args.command == "submit":

@@ -49,6 +49,10 @@ def main() -> int:
                 print("error: the stack was not ready after 15 minutes", file=sys.stderr)
                 return 1
         print(f"stack ready after {time.monotonic() - started:.1f} s; submitting one prompt")
+        for line in lines:
+            if line.startswith("playground: "):
+                # the HTTP gateway's page; `orchestrator dev` keeps it up after the demo
+                print(f"playground (while `orchestrator dev` runs): {line[12:].strip()}")
         code = subprocess.call(
             [
                 sys.executable,

@@ -17,7 +17,7 @@ import signal
 import sys
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from orchestrator.adapters.child_process import (
     PortClaim,
@@ -30,6 +30,8 @@ from orchestrator.adapters.triton_server import TritonServer
 from orchestrator.config import Settings
 
 if TYPE_CHECKING:
+    import uvicorn
+
     from orchestrator.service import Service
 
 log = logging.getLogger("orchestrator.dev")
@@ -72,6 +74,7 @@ class DevStack:
         metrics_port: int = 8002,
         partitions: int = 4,
         service_http_port: int | None = None,
+        gateway_port: int = 8080,
     ) -> None:
         self.models_dir = models_dir
         self.preset = preset
@@ -83,6 +86,8 @@ class DevStack:
         self.ports = (grpc_port, http_port, metrics_port)
         #: the service's metrics/health port; None: the `http_port` setting
         self.service_http_port = service_http_port
+        #: the HTTP gateway's port (127.0.0.1)
+        self.gateway_port = gateway_port
 
     def service_settings(self, settings: Settings) -> Settings:
         """`settings` with this stack's service port (the broker and Triton come once started)."""
@@ -103,6 +108,7 @@ class DevStack:
                 "--service-http-port (or the http_port setting, ORCHESTRATOR_HTTP_PORT)",
                 settings.http_host,
             ),
+            PortClaim(self.gateway_port, "the HTTP gateway", "--gateway-port", "127.0.0.1"),
         ]
 
     def check_ports(self, settings: Settings) -> None:
@@ -137,9 +143,11 @@ class DevStack:
             raise ComponentFailed("tritonserver", f"{exc}") from exc
 
     async def create_topics(self, settings: Settings) -> None:
+        from orchestrator.gateway.settings import GatewaySettings
+
         await create_topics(
             self.broker.bootstrap_servers,
-            settings.service_topics(),
+            [*settings.service_topics(), GatewaySettings(**{}).registry_topic],
             partitions=self.partitions,
         )
 
@@ -187,6 +195,34 @@ async def _unless_stopped(work: Awaitable[T], stopping: asyncio.Event) -> T:
     return task.result()
 
 
+async def _start_gateway(
+    stack: DevStack, settings: Settings
+) -> tuple[uvicorn.Server, asyncio.Task[None], str]:
+    """The HTTP gateway on 127.0.0.1:gateway_port with a fresh development key, started."""
+    import secrets
+
+    from orchestrator.gateway.server import server
+    from orchestrator.gateway.settings import GatewaySettings
+
+    api_key = f"dev-{secrets.token_urlsafe(24)}"
+    overrides: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": stack.gateway_port,
+        "dev_key": api_key,
+    }
+    gateway_settings = GatewaySettings(**overrides)
+    srv = server(settings, gateway_settings, embedded=True)
+    task = asyncio.create_task(srv.serve())
+    while not srv.started:
+        if task.done():
+            detail = "exited before it listened"
+            if not task.cancelled() and task.exception() is not None:
+                detail = repr(task.exception())
+            raise ComponentFailed("gateway", detail)
+        await asyncio.sleep(0.05)
+    return srv, task, api_key
+
+
 async def run_dev(stack: DevStack, settings: Settings) -> int:
     """Run the stack and the service until a signal; returns the exit code."""
     settings = stack.service_settings(settings)
@@ -211,6 +247,7 @@ async def run_dev(stack: DevStack, settings: Settings) -> int:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, request_stop)
     watcher: asyncio.Task[None] | None = None
+    gateway: uvicorn.Server | None = None
     try:
         try:
             await _unless_stopped(stack.start(), stopping)
@@ -229,6 +266,17 @@ async def run_dev(stack: DevStack, settings: Settings) -> int:
             }
         )
 
+        try:
+            gateway, gateway_task, api_key = await _unless_stopped(
+                _start_gateway(stack, settings), stopping
+            )
+        except Stopped:
+            print("stopped before the stack was ready", flush=True)
+            return 0
+        except ComponentFailed as exc:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            return 1
+
         def ready() -> None:
             # the service reached Kafka and Triton on these ports: ready only if they are ours
             try:
@@ -237,6 +285,10 @@ async def run_dev(stack: DevStack, settings: Settings) -> int:
                 failure.append(exc)
                 request_stop()
                 return
+            print(f"api key: {api_key}", flush=True)
+            print(
+                f"playground: http://127.0.0.1:{stack.gateway_port}/#key={api_key}", flush=True
+            )
             print(
                 f"ready: kafka {settings.bootstrap_servers}, triton grpc {settings.triton_url}, "
                 f"requests on {settings.request_topic}, answers on {settings.response_topic} "
@@ -254,6 +306,8 @@ async def run_dev(stack: DevStack, settings: Settings) -> int:
                 await asyncio.sleep(1.0)
                 try:
                     stack.check()
+                    if gateway_task.done():
+                        raise ComponentFailed("gateway", "exited")
                 except ComponentFailed as exc:
                     failure.append(exc)
                     service.stop()
@@ -264,6 +318,10 @@ async def run_dev(stack: DevStack, settings: Settings) -> int:
     finally:
         if watcher is not None:
             watcher.cancel()
+        if gateway is not None:
+            gateway.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(gateway_task, 15)
         stack.stop()
         for sig in STOP_SIGNALS:
             with contextlib.suppress(NotImplementedError):

@@ -34,7 +34,14 @@ from orchestrator.adapters.triton_server import TritonServer, TritonServerError
 
 pytestmark = pytest.mark.integration
 
-FLAGS = ("--kafka-port", "--grpc-port", "--http-port", "--metrics-port", "--service-http-port")
+FLAGS = (
+    "--kafka-port",
+    "--grpc-port",
+    "--http-port",
+    "--metrics-port",
+    "--service-http-port",
+    "--gateway-port",
+)
 READY_TIMEOUT_S = 180.0
 
 
