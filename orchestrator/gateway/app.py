@@ -23,9 +23,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from orchestrator.adapters.avro import AvroCodec
 from orchestrator.adapters.kafka import CORRELATION_ID_HEADER
-from orchestrator.adapters.tracing import extract, get_tracer, producer_span
+from orchestrator.adapters.tracing import get_tracer, producer_span
 from orchestrator.config import Settings
 from orchestrator.core.envelope import check_envelope
 from orchestrator.domain import GenerationRequest
@@ -214,7 +215,12 @@ class Gateway:
     """What the routes share: settings, keys, the Kafka backend, limits, metrics."""
 
     def __init__(
-        self, settings: Settings, gateway: GatewaySettings, keys: KeyStore, backend: Backend
+        self,
+        settings: Settings,
+        gateway: GatewaySettings,
+        keys: KeyStore,
+        backend: Backend,
+        tracer_provider: trace.TracerProvider | None = None,
     ) -> None:
         self.settings = settings
         self.gw = gateway
@@ -224,7 +230,7 @@ class Gateway:
         self.buckets: dict[str, TokenBucket] = {}
         self.in_flight: dict[str, int] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.tracer = get_tracer()
+        self.tracer = get_tracer(tracer_provider) if settings.tracing else trace.NoOpTracer()
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "gateway_http_requests",
@@ -404,18 +410,15 @@ class Gateway:
             preview=gen.preview,
             replica=self.replica,
         )
-        ctx = extract([("traceparent", v.encode()) for v in request.headers.getlist("traceparent")])
-        with self.tracer.start_as_current_span(
-            f"{request.method} {request.url.path}", context=ctx, kind=trace.SpanKind.SERVER
-        ):
-            await self.backend.register(reg)
-            with producer_span(
-                self.tracer,
-                self.backend.request_topic,
-                [(CORRELATION_ID_HEADER, job_id.encode())],
-                message_id=job_id,
-            ) as headers:
-                await self.backend.submit(gen, list(headers))
+        # the request's server span is current: the record carries it on
+        await self.backend.register(reg)
+        with producer_span(
+            self.tracer,
+            self.backend.request_topic,
+            [(CORRELATION_ID_HEADER, job_id.encode())],
+            message_id=job_id,
+        ) as headers:
+            await self.backend.submit(gen, list(headers))
         if webhook_url is not None and self.gw.webhook_secret is not None:
             task = asyncio.create_task(self._webhook(job_id, webhook_url))
             self.tasks.add(task)
@@ -438,10 +441,21 @@ class Gateway:
         )
 
 
-def _needs(route: str) -> Callable[[Request], ApiKey]:
+#: declares the bearer scheme in the OpenAPI document; the check itself is `Gateway.authorize`
+#: (401 without a valid key, 403 for a key not allowed the route)
+_BEARER = HTTPBearer(auto_error=False, description="an API key: `Authorization: Bearer KEY`")
+
+#: not traced: probes and scrapes, many a minute, say nothing about a request
+_UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _needs(route: str) -> Callable[..., ApiKey]:
     """A dependency: the request's API key, allowed `route` and within its rate."""
 
-    def dependency(request: Request) -> ApiKey:
+    def dependency(
+        request: Request,
+        _: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
+    ) -> ApiKey:
         gateway: Gateway = request.app.state.gateway
         return gateway.authorize(request, route)
 
@@ -467,8 +481,12 @@ def create_app(
     keys: KeyStore | None = None,
     backend: Backend | None = None,
     codec: AvroCodec | None = None,
+    tracer_provider: trace.TracerProvider | None = None,
 ) -> FastAPI:
-    """A fresh gateway app; its lifespan starts and stops the Kafka backend."""
+    """A fresh gateway app; its lifespan starts and stops the Kafka backend. Each request but
+    the probes and scrapes is a server span (FastAPI's), the root of its trace unless a
+    `traceparent` header continues one; the Kafka request carries it on (`tracer_provider`:
+    default the global one)."""
     if keys is None:
         keys = KeyStore.load(
             gateway.keys_file,
@@ -493,7 +511,7 @@ def create_app(
             lookback_s=gateway.lookback_s,
             timeout_ms=gateway.kafka_timeout_ms,
         )
-    gw = Gateway(settings, gateway, keys, backend)
+    gw = Gateway(settings, gateway, keys, backend, tracer_provider)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -509,6 +527,15 @@ def create_app(
         title="orchestrator gateway",
         version="1",
         lifespan=lifespan,
+        # FastAPI's own server span (and its dependency and endpoint spans) is the request's
+        # trace root, or continues an incoming `traceparent`; metrics are Prometheus's above
+        telemetry={
+            "tracing": settings.tracing,
+            "tracer_provider": tracer_provider,
+            "metrics": False,
+            "logs": False,
+            "exclude": lambda scope: scope.get("path") in _UNTRACED,
+        },
         description="HTTP front door of the diffusion orchestrator (requests go through Kafka).",
     )
     app.state.gateway = gw

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import uvicorn
+from opentelemetry.trace import TracerProvider
 
 from orchestrator.config import Settings
 from orchestrator.gateway.app import create_app
@@ -21,9 +22,13 @@ class EmbeddedServer(uvicorn.Server):
 
 
 def server(
-    settings: Settings, gateway: GatewaySettings, *, embedded: bool = False
+    settings: Settings,
+    gateway: GatewaySettings,
+    *,
+    embedded: bool = False,
+    tracer_provider: TracerProvider | None = None,
 ) -> uvicorn.Server:
-    app = create_app(settings, gateway)
+    app = create_app(settings, gateway, tracer_provider=tracer_provider)
     config = uvicorn.Config(
         app,
         host=gateway.host,
@@ -37,8 +42,17 @@ def server(
 
 
 async def serve(settings: Settings, gateway: GatewaySettings) -> None:
-    srv = server(settings, gateway)
-    await srv.serve()
+    """Serve until SIGINT/SIGTERM; spans go out over OTLP as `orchestrator serve`'s do (when
+    the `tracing` setting is on and the OTEL_* variables do not switch them off)."""
+    from orchestrator.adapters.tracing import setup_tracing
+
+    provider = setup_tracing("diffusion-gateway") if settings.tracing else None
+    srv = server(settings, gateway, tracer_provider=provider)
+    try:
+        await srv.serve()
+    finally:
+        if provider is not None:
+            provider.shutdown()
     if not srv.started:
         raise SystemExit(1)
 
