@@ -460,6 +460,7 @@ def test_topics_partitions_and_record_sizes(rendered: dict[str, list[dict[str, A
         data["ORCHESTRATOR_DLQ_TOPIC"],
         "diffusion.progress",  # the job lifecycle issue's topics
         "diffusion.control",
+        gateway_env(docs)["ORCHESTRATOR_GATEWAY_REGISTRY_TOPIC"],  # the gateway's job registry
     }
     assert needed == set(topics)
     max_replicas = one(docs, "ScaledObject", "orchestrator")["spec"]["maxReplicaCount"]
@@ -1249,3 +1250,240 @@ def test_convert_script_finds_trtexec_and_passes_flags(
         timeout=60,
     )
     assert proc.returncode == 2 and "trtexec not found" in proc.stderr
+
+
+# --- the HTTP gateway (issue 11) ---------------------------------------------------------------
+
+GATEWAY_SECRET_EXAMPLE = K8S / "base/gateway-secret.example"
+
+
+def gateway_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    data: dict[str, str] = one(docs, "ConfigMap", "gateway-config")["data"]
+    return data
+
+
+def gateway_routes() -> set[str]:
+    """The paths the gateway's app serves (its OpenAPI document's and the undocumented ones)."""
+    from orchestrator.config import Settings
+    from orchestrator.gateway.app import create_app
+    from orchestrator.gateway.settings import GatewaySettings
+
+    app = create_app(Settings(), GatewaySettings())
+    return {str(getattr(route, "path", "")) for route in app.routes}
+
+
+def port_number(ports: list[dict[str, Any]], ref: int | str, key: str) -> int:
+    """`ref` (a port number or a port's name) as a number, from `ports` (`key`: the number)."""
+    if isinstance(ref, int):
+        return ref
+    (port,) = [p for p in ports if p["name"] == ref]
+    number: int = port[key]
+    return number
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_ports_probes_and_routes_agree(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    from orchestrator.gateway.settings import GatewaySettings
+
+    docs = rendered[overlay]
+    dep = one(docs, "Deployment", "gateway")
+    c = container(dep, "gateway")
+    # the image's entrypoint is `orchestrator`: `orchestrator gateway --host 0.0.0.0`, on the
+    # gateway's default port (no --port)
+    assert c["args"] == ["gateway", "--host", "0.0.0.0"]
+    assert c["image"] == container(one(docs, "Deployment", "orchestrator"), "orchestrator")["image"]
+    container_port = port_number(c["ports"], "http", "containerPort")
+    assert container_port == GatewaySettings().port
+    routes = gateway_routes()
+    for probe, path in (
+        ("startupProbe", "/healthz"),
+        ("livenessProbe", "/healthz"),
+        ("readinessProbe", "/readyz"),
+    ):
+        get = c[probe]["httpGet"]
+        assert get["path"] == path and path in routes
+        assert port_number(c["ports"], get["port"], "containerPort") == container_port
+    # the Service reaches that port; the Ingress reaches the Service's port
+    svc = one(docs, "Service", "gateway")
+    assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+    (svc_port,) = svc["spec"]["ports"]
+    assert port_number(c["ports"], svc_port["targetPort"], "containerPort") == container_port
+    ingress = one(docs, "Ingress", "gateway")
+    (tls,) = ingress["spec"]["tls"]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] in tls["hosts"] and tls["secretName"]
+    paths = rule["http"]["paths"]
+    for p in paths:
+        backend = p["backend"]["service"]
+        assert backend["name"] == svc["metadata"]["name"]
+        assert port_number(svc["spec"]["ports"], backend["port"].get("name", 0), "port") == (
+            backend["port"].get("number", svc_port["port"])
+        )
+        # every routed path is served; a prefix covers the API's routes
+        if p["pathType"] == "Exact":
+            assert p["path"] in routes, p
+        else:
+            assert [r for r in routes if r.startswith(p["path"] + "/")], p
+    routed = {p["path"] for p in paths}
+    assert {"/v1", "/", "/openapi.json"} <= routed
+    assert not routed & {"/metrics", "/healthz", "/readyz"}, "operations routes stay internal"
+    # the scrape annotation names the same port
+    notes = dep["spec"]["template"]["metadata"]["annotations"]
+    assert notes["prometheus.io/port"] == str(container_port)
+    assert notes["prometheus.io/path"] == "/metrics" and "/metrics" in routes
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_gateway_security_settings_and_secret(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator.gateway.settings import GatewaySettings
+
+    docs = rendered[overlay]
+    dep = one(docs, "Deployment", "gateway")
+    pod = pod_spec(dep)
+    c = container(dep, "gateway")
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    refs = {next(iter(e.values()))["name"] for e in c["envFrom"]}
+    assert {"orchestrator-config", "gateway-config"} <= refs
+    # every gateway-config key is a gateway setting, and together they validate
+    env = gateway_env(docs)
+    fields = {f"ORCHESTRATOR_GATEWAY_{n.upper()}" for n in GatewaySettings.model_fields}
+    assert set(env) <= fields, sorted(set(env) - fields)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    gateway = GatewaySettings()
+    # the proxy refuses the same bodies as the gateway (ingress-nginx sizes: k, m, g = 1024^n)
+    size = one(docs, "Ingress", "gateway")["metadata"]["annotations"][
+        "nginx.ingress.kubernetes.io/proxy-body-size"
+    ]
+    m = re.fullmatch(r"(\d+)([kmg]?)", size.lower())
+    assert m, size
+    assert int(m[1]) * 1024 ** " kmg".index(m[2] or " ") == gateway.max_body_bytes
+    # the keys file is in the mounted Secret; every key the Deployment takes from it exists in
+    # the example the operator copies
+    example = yaml.safe_load(GATEWAY_SECRET_EXAMPLE.read_text())
+    assert example["kind"] == "Secret"
+    example_keys = set(example["stringData"])
+    secret = example["metadata"]["name"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert gateway.keys_file is not None
+    (mount,) = [m for m in c["volumeMounts"] if gateway.keys_file.parent == Path(m["mountPath"])]
+    assert mount["readOnly"] is True
+    source = volumes[mount["name"]]["secret"]
+    assert source["secretName"] == secret
+    assert {"key": "keys.json", "path": gateway.keys_file.name} in source["items"]
+    used = {item["key"] for item in source["items"]}
+    webhook = [e for e in c["env"] if e["name"] == "ORCHESTRATOR_GATEWAY_WEBHOOK_SECRET"]
+    (ref,) = [e["valueFrom"]["secretKeyRef"] for e in webhook]
+    assert ref["name"] == secret
+    used.add(ref["key"])
+    assert used <= example_keys, sorted(used - example_keys)
+    keys = json.loads(example["stringData"]["keys.json"])["keys"]
+    assert keys and all({"id", "sha256"} <= set(k) for k in keys)
+    # the images it serves come from the service's shared volume, read-only
+    images = configmap_env(docs)["ORCHESTRATOR_OUTPUT_DIR"]
+    (img,) = [m for m in c["volumeMounts"] if m["mountPath"] == images]
+    assert img["readOnly"] is True
+    claim = volumes[img["name"]]["persistentVolumeClaim"]["claimName"]
+    orch_volumes = pod_spec(one(docs, "Deployment", "orchestrator"))["volumes"]
+    assert claim in {v.get("persistentVolumeClaim", {}).get("claimName") for v in orch_volumes}
+
+
+def test_gateway_registry_topic_and_kafka_user(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["production"]
+    data = configmap_env(docs)
+    env = gateway_env(docs)
+    registry = env["ORCHESTRATOR_GATEWAY_REGISTRY_TOPIC"]
+    topics = {topic_name(d): d["spec"] for d in objects(docs, "KafkaTopic")}
+    config = topics[registry]["config"]
+    assert "compact" in config["cleanup.policy"].split(",")
+    lookback_ms = float(env["ORCHESTRATOR_GATEWAY_LOOKBACK_S"]) * 1000
+    # what the gateway reads back at start is still there
+    for name in (registry, data["ORCHESTRATOR_RESPONSE_TOPIC"], data["ORCHESTRATOR_DLQ_TOPIC"]):
+        assert int(topics[name]["config"]["retention.ms"]) >= lookback_ms, name
+    grants = acl_grants(one(docs, "KafkaUser", "diffusion-gateway"))
+    writes = {data["ORCHESTRATOR_REQUEST_TOPIC"], data["ORCHESTRATOR_CONTROL_TOPIC"], registry}
+    reads = {
+        data["ORCHESTRATOR_RESPONSE_TOPIC"],
+        data["ORCHESTRATOR_DLQ_TOPIC"],
+        data["ORCHESTRATOR_PROGRESS_TOPIC"],
+        registry,
+    }
+    expected = (
+        {("topic", t, "literal", "Write") for t in writes}
+        | {("topic", t, "literal", "Read") for t in reads}
+        | {("topic", t, "literal", "Describe") for t in writes | reads}
+    )
+    # no group: the gateway's consumers assign partitions and commit nothing
+    assert grants == expected
+    # its own binding Secret, mapped key by key, and the cluster CA where SSL_CAFILE says
+    dep = one(docs, "Deployment", "gateway")
+    c = container(dep, "gateway")
+    access = one(docs, "KafkaAccess", "gateway-kafka")["spec"]
+    assert access["user"]["name"] == "diffusion-gateway"
+    mapped = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]
+        for e in c["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+        and e["name"].startswith("ORCHESTRATOR_")
+        and not e["name"].startswith("ORCHESTRATOR_GATEWAY_")
+    }
+    assert {ref["name"] for ref in mapped.values()} == {access["secretName"]}
+    assert {"ORCHESTRATOR_BOOTSTRAP_SERVERS", "ORCHESTRATOR_SASL_PASSWORD"} <= set(mapped)
+    assert {ref["key"] for ref in mapped.values()} <= ACCESS_SECRET_KEYS
+    cafile = Path(data["ORCHESTRATOR_SSL_CAFILE"])
+    volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if cafile.parent == Path(m["mountPath"])]
+    assert volumes[mount["name"]]["secret"]["secretName"] == access["secretName"]
+
+
+def test_dev_gateway_takes_kafka_settings_from_the_generated_secret(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["dev"]
+    (secret,) = objects(docs, "Secret")
+    c = container(one(docs, "Deployment", "gateway"), "gateway")
+    refs = {next(iter(e.values()))["name"] for e in c["envFrom"]}
+    assert refs == {"orchestrator-config", "gateway-config", secret["metadata"]["name"]}
+
+
+def test_compose_gateway_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.config import Settings
+    from orchestrator.gateway.settings import GatewaySettings
+
+    services = compose()["services"]
+    gw = services["gateway"]
+    assert gw["command"] == ["gateway", "--host", "0.0.0.0"]
+    assert gw["image"] == services["orchestrator"]["image"]
+    assert gw["depends_on"]["kafka-init"]["condition"] == "service_completed_successfully"
+    env = gw["environment"]
+    for key in [k for k in env if k.startswith("ORCHESTRATOR_")]:
+        monkeypatch.setenv(key, str(env[key]))
+    settings, gateway = Settings(), GatewaySettings()
+    # the same topics as the orchestrator's
+    orch = services["orchestrator"]["environment"]
+    for key in ("REQUEST_TOPIC", "RESPONSE_TOPIC", "DLQ_TOPIC", "PROGRESS_TOPIC", "CONTROL_TOPIC"):
+        assert env[f"ORCHESTRATOR_{key}"] == orch[f"ORCHESTRATOR_{key}"]
+    assert settings.output_dir == Path(orch["ORCHESTRATOR_OUTPUT_DIR"])
+    # its port published, the keys file and the images mounted
+    assert any(p.endswith(f":{gateway.port}:{gateway.port}") for p in gw["ports"])
+    mounts = {v.split(":")[-2 if v.endswith((":ro", ":rw")) else -1]: v for v in gw["volumes"]}
+    assert gateway.keys_file is not None and str(gateway.keys_file) in mounts
+    assert mounts[str(settings.output_dir)].endswith(":ro")
+    assert f"127.0.0.1:{gateway.port}/healthz" in " ".join(gw["healthcheck"]["test"])
+    # the registry topic is created, compacted
+    init = " ".join(services["kafka-init"]["command"])
+    assert f" {gateway.registry_topic}:" in init
+    assert re.search(rf"{re.escape(gateway.registry_topic)} \]; then policy=compact", init), (
+        "the registry topic is compacted"
+    )
