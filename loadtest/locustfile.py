@@ -22,6 +22,18 @@ Kafka and the topics come from the same `ORCHESTRATOR_*` variables as the servic
     LOADTEST_ENV_FILE     settings file with ORCHESTRATOR_* lines (as `serve --env-file`)
     LOADTEST_SUMMARY      write a JSON summary (sent, answered, failures, latencies) to this file
 
+The HTTP gateway path (`orchestrator gateway`) has two users beside the Kafka one, active when
+`LOADTEST_GATEWAY_URL` is set (e.g. http://127.0.0.1:8080), with the bearer key in
+`LOADTEST_GATEWAY_KEY`:
+
+    GatewaySyncUser       POST /v1/images/generations; the answer is the end
+    GatewayEventsUser     POST /v1/jobs, then GET /v1/jobs/{id}/events until its `outcome`
+
+Each reports its HTTP calls (as Locust's HttpUser does) and one more request event per job,
+type `e2e`, timed from just before the POST until the image is known (the sync answer, or the
+events stream's `outcome` event). Run only them by naming them after the file
+(`locust -f loadtest/locustfile.py GatewaySyncUser GatewayEventsUser ...`).
+
 Locust runs on gevent; the orchestrator's asyncio `Client` runs on one asyncio loop that lives
 in its own greenlet (the selector is gevent's), shared by all users of the process.
 """
@@ -42,7 +54,7 @@ from typing import Any, TypeVar
 
 import gevent
 import gevent.lock
-from locust import User, constant, events, task
+from locust import HttpUser, User, constant, events, task
 from locust.env import Environment
 
 from orchestrator.adapters.avro import make_codec
@@ -240,9 +252,162 @@ class DiffusionUser(User):
         )
 
 
+GATEWAY_URL = os.environ.get("LOADTEST_GATEWAY_URL", "").strip()
+
+
+class GatewayTally:
+    """Per gateway user class: jobs sent, succeeded, failed, and end-to-end latencies."""
+
+    tallies: dict[str, dict[str, Any]] = {}  # noqa: RUF012 - process-wide tallies
+
+    @classmethod
+    def of(cls, name: str) -> dict[str, Any]:
+        return cls.tallies.setdefault(
+            name, {"sent": 0, "succeeded": 0, "failed": {}, "latencies_s": []}
+        )
+
+    @classmethod
+    def summary(cls) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, t in cls.tallies.items():
+            lat = sorted(t["latencies_s"])
+            out[name] = {
+                "sent": t["sent"],
+                "succeeded": t["succeeded"],
+                "failed": dict(t["failed"]),
+                "latency_s": {
+                    "count": len(lat),
+                    "p50": lat[int(0.50 * (len(lat) - 1))] if lat else None,
+                    "p95": lat[int(0.95 * (len(lat) - 1))] if lat else None,
+                    "max": lat[-1] if lat else None,
+                },
+            }
+        return out
+
+
+def gateway_body() -> dict[str, Any]:
+    """The JSON body of one gateway request, from the same LOADTEST_* variables."""
+    body: dict[str, Any] = {
+        "prompt": os.environ.get("LOADTEST_PROMPT") or next(_prompt_cycle),
+        "seed": random.randrange(2**31),
+        "steps": _env_int("LOADTEST_STEPS") or 20,
+        "scheduler": os.environ.get("LOADTEST_SCHEDULER") or "pndm",
+        "guidance_scale": _env_float("LOADTEST_GUIDANCE", 7.5),
+        "n": _env_int("LOADTEST_NUM_IMAGES") or 1,
+        "response_format": "url",
+    }
+    width, height = _env_int("LOADTEST_WIDTH"), _env_int("LOADTEST_HEIGHT")
+    if width and height:
+        body["size"] = f"{width}x{height}"
+    return body
+
+
+class _GatewayUser(HttpUser):
+    abstract = True
+    host = GATEWAY_URL or None
+    wait_time = constant(_env_float("LOADTEST_THINK_S", 0.0))
+    timeout_s = _env_float("LOADTEST_TIMEOUT_S", 300.0)
+    path = "gateway"
+
+    def on_start(self) -> None:
+        key = os.environ.get("LOADTEST_GATEWAY_KEY", "")
+        self.client.headers["Authorization"] = f"Bearer {key}"
+
+    def _job(self, body: dict[str, Any]) -> tuple[str | None, int]:
+        """Run one job; (the failure, or None, and the response length)."""
+        raise NotImplementedError
+
+    @task
+    def generate(self) -> None:
+        body = gateway_body()
+        tally = GatewayTally.of(type(self).__name__)
+        tally["sent"] += 1
+        start = time.perf_counter()
+        try:
+            failure, length = self._job(body)
+        except Exception as exc:  # the connection broke, a bad stream...
+            failure, length = f"{type(exc).__name__}: {exc}", 0
+        elapsed = time.perf_counter() - start
+        if failure is None:
+            tally["succeeded"] += 1
+            tally["latencies_s"].append(elapsed)
+        else:
+            tally["failed"][failure[:80]] = tally["failed"].get(failure[:80], 0) + 1
+        self.environment.events.request.fire(
+            request_type="e2e",
+            name=f"{self.path} {body['steps']} steps",
+            response_time=elapsed * 1000.0,
+            response_length=length,
+            exception=None if failure is None else RuntimeError(failure),
+            context={},
+        )
+
+
+class GatewaySyncUser(_GatewayUser):
+    """POST /v1/images/generations and wait for the OpenAI-shaped answer (closed loop)."""
+
+    abstract = not GATEWAY_URL
+    path = "gateway sync"
+
+    def _job(self, body: dict[str, Any]) -> tuple[str | None, int]:
+        with self.client.post(
+            "/v1/images/generations", json=body, timeout=self.timeout_s, catch_response=True
+        ) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}")
+                return f"HTTP {r.status_code}", 0
+            data = r.json().get("data") or []
+            if len(data) != body["n"]:
+                r.failure(f"{len(data)} images for n={body['n']}")
+                return "wrong image count", 0
+            return None, len(r.content or b"")
+
+
+class GatewayEventsUser(_GatewayUser):
+    """POST /v1/jobs (202), then follow GET /v1/jobs/{id}/events to its `outcome` event."""
+
+    abstract = not GATEWAY_URL
+    path = "gateway events"
+
+    def _job(self, body: dict[str, Any]) -> tuple[str | None, int]:
+        with self.client.post("/v1/jobs", json=body, catch_response=True) as r:
+            if r.status_code != 202:
+                r.failure(f"HTTP {r.status_code}")
+                return f"POST HTTP {r.status_code}", 0
+            job_id = r.json()["id"]
+        outcome: dict[str, Any] | None = None
+        length = 0
+        with self.client.get(
+            f"/v1/jobs/{job_id}/events",
+            name="/v1/jobs/[id]/events",
+            stream=True,
+            timeout=self.timeout_s,
+            catch_response=True,
+        ) as r:
+            if r.status_code != 200:
+                r.failure(f"HTTP {r.status_code}")
+                return f"events HTTP {r.status_code}", 0
+            event = ""
+            for raw in r.iter_lines(decode_unicode=True):
+                line = raw or ""
+                length += len(line) + 1
+                if line.startswith("event: "):
+                    event = line[len("event: ") :]
+                elif line.startswith("data: ") and event == "outcome":
+                    outcome = json.loads(line[len("data: ") :])
+                    break
+            if outcome is None:
+                r.failure("stream ended without an outcome")
+                return "no outcome", length
+        if outcome.get("status") != "succeeded":
+            return f"job {outcome.get('status')}", length
+        return None, length
+
+
 @events.test_stop.add_listener
 def _on_test_stop(environment: Environment, **_: Any) -> None:
     summary = Shared.summary()
+    summary["gateway"] = GatewayTally.summary()
     print("loadtest summary: " + json.dumps(summary), flush=True)
     path = os.environ.get("LOADTEST_SUMMARY")
     if path:
