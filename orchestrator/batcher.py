@@ -114,6 +114,23 @@ class StepBatcher:
             cohort.active -= 1
             self._maybe_flush(cohort)
 
+    @contextlib.asynccontextmanager
+    async def suspended(self) -> AsyncIterator[None]:
+        """Within a `job()` block: stop counting the calling job as active while this block runs
+        (it waits for something else, e.g. a slot it yielded), so its cohort flushes without it;
+        it counts again on exit. Outside a `job()` block it does nothing."""
+        mark = _COHORT.get()
+        if mark is None or mark[0] != id(self):
+            yield
+            return
+        cohort = self._cohorts[mark[1]]
+        cohort.active -= 1
+        self._maybe_flush(cohort)  # the others may all be waiting for this one
+        try:
+            yield
+        finally:
+            cohort.active += 1
+
     def _cohort_of_caller(self) -> _Cohort:
         mark = _COHORT.get()
         if mark is not None and mark[0] == id(self):

@@ -172,6 +172,19 @@ class Settings(BaseSettings):
         description="seconds of waiting that promote a job by one priority class, so low "
         "priority is never starved",
     )
+    admission_preempt: bool = Field(
+        True,
+        description="a waiting high-priority job, with no slot free, makes one running job of a "
+        "lower class yield its slot at its next denoising step boundary; it resumes from the "
+        "same step when it gets a slot again (docs/operations.md)",
+    )
+    admission_max_preemptions: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="times one job may be made to yield its slot, so lower priority still "
+        "completes (0: never preempted)",
+    )
     batching: Literal["step", "naive"] = Field("step", description="UNet step batching mode")
     batch_max_wait_ms: float = Field(2.0, ge=0, le=1000, description="longest wait to fill a batch")
     batch_cohorts: int = Field(

@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import numpy.typing as npt
@@ -94,12 +94,17 @@ async def run_job(
     breaker: CircuitBreaker | None = None,
     tracer: trace.Tracer | None = None,
     on_step: Callable[[Job, int, int], None] | None = None,
+    checkpoint: Callable[[Job], Awaitable[None]] | None = None,
 ) -> GeneratedImages:
     """Drive a job to its images, one model call after another.
 
     `on_step(job, k, n)`, when given, is called after each denoising step's advance: step `k`
     of the `n` UNet calls the job makes (img2img: those after its start step). It must be
-    quick and must not raise (progress is advisory): an exception from it is not caught."""
+    quick and must not raise (progress is advisory): an exception from it is not caught.
+
+    `checkpoint(job)`, when given, is awaited before each denoising step (a step boundary: the
+    job's state is complete and untouched while it waits); it may suspend the job there, e.g.
+    to yield its admission slot to a higher priority (preemption), and resume it later."""
     policy = retry or RetryPolicy()
     stats = stats if stats is not None else JobStats()
     tracer = tracer or _NOOP_TRACER
@@ -124,6 +129,8 @@ async def run_job(
 
     try:
         while not job.done:
+            if checkpoint is not None and job.phase is Phase.DENOISE:
+                await checkpoint(job)
             if deadline is not None and time.time() >= deadline:
                 raise DeadlineExceeded(
                     f"deadline passed after {job.unet_calls} denoising steps",

@@ -245,6 +245,8 @@ class Service:
             on_queue=self._on_admission_queue,
             on_admit=lambda p, s: self.metrics.admission_wait.labels(p.value).observe(s),
             on_refuse=lambda p: self.metrics.admission_refused.labels(p.value).inc(),
+            preempt=settings.admission_preempt,
+            max_preemptions=settings.admission_max_preemptions,
         )
         self._stopping = asyncio.Event()
         self._tasks: dict[asyncio.Task[None], int] = {}
@@ -800,11 +802,19 @@ class Service:
         if self.progress is not None:
             self.progress.started(job.request, job.total_unet_calls)
             kwargs["on_step"] = self.progress.on_step
+        if self.admission.preempt:
+            kwargs["checkpoint"] = self._checkpoint
         with self.tracer.start_as_current_span("generate"):
             if self.batcher is not None:
                 async with self.batcher.job():
                     return await run_job(job, self.batcher, self.retry, on_retry, stats, **kwargs)
             return await run_job(job, self.runner, self.retry, on_retry, stats, **kwargs)
+
+    async def _checkpoint(self, job: Job) -> None:
+        """A step boundary: yield the slot here when a waiting high asked for it (preemption)."""
+        suspend = self.batcher.suspended if self.batcher is not None else None
+        steps_left = job.total_unet_calls - job.unet_calls
+        await self.admission.checkpoint(job.request.request_id, steps_left, suspend)
 
     def _progress_event(
         self,

@@ -24,6 +24,13 @@ passed deadline refuses. The rule never refuses a job that could still make it b
 it does not guess how long the entry will still wait, so a waiting entry is refused the moment
 its ``refusal_at = deadline - expected_run_s(steps)`` passes (the gate sets a timer on the
 earliest one).
+
+Preemption (:func:`preemption_victims`): while a request of base class high waits and no slot
+is free, one running job of a worse base class per such waiter is asked to yield at its next
+denoising step boundary; it gives its slot up, waits again with its original arrival (so its
+aging goes on) and resumes from the same step. Only the base class counts on both sides (an
+aged low never preempts, and an aged low can still be preempted), and a job yields at most
+``max_preemptions`` times, so every job still completes.
 """
 
 from __future__ import annotations
@@ -201,3 +208,40 @@ class AdmissionQueue(Generic[K]):
 
     def entries(self) -> Iterable[Entry[K]]:
         return list(self._entries.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class Running(Generic[K]):
+    """One job holding a slot, as preemption sees it."""
+
+    key: K
+    priority: Priority
+    arrival: float
+    #: times it has yielded already
+    preemptions: int = 0
+    #: already asked to yield (and has not yet)
+    asked: bool = False
+
+
+def preemption_victims(
+    waiting: Iterable[Priority],
+    running: Iterable[Running[K]],
+    max_preemptions: int,
+) -> list[K]:
+    """The running jobs to ask to yield now, given the base classes of the waiters.
+
+    One victim per waiting high that no earlier request already covers; a victim has a worse
+    base class than high and has yielded fewer than `max_preemptions` times. The worst class
+    goes first, then the latest arrival (it waited least, so yielding costs it least aging)."""
+    highs = sum(1 for p in waiting if p is Priority.HIGH)
+    jobs = list(running)
+    needed = highs - sum(1 for r in jobs if r.asked)
+    if needed <= 0:
+        return []
+    candidates = [
+        r
+        for r in jobs
+        if not r.asked and r.priority.rank > Priority.HIGH.rank and r.preemptions < max_preemptions
+    ]
+    candidates.sort(key=lambda r: (-r.priority.rank, -r.arrival))
+    return [r.key for r in candidates[:needed]]

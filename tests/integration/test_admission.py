@@ -8,12 +8,17 @@ import asyncio
 import time
 from typing import Any
 
+import numpy as np
 import pytest
 
 from orchestrator.adapters.avro import AvroCodec
+from orchestrator.adapters.triton import TritonClient
 from orchestrator.client import Answer, Client
 from orchestrator.config import Settings
+from orchestrator.core.pipeline import start_job
 from orchestrator.domain import GenerationRequest
+from orchestrator.executor import run_job
+from orchestrator.imagefile import decode_png
 from orchestrator.service import Service
 from tests.integration.service_harness import make_settings, running_service
 
@@ -46,7 +51,10 @@ def freed_order(service: Service) -> list[str]:
 async def test_highs_overtake_a_burst_of_lows_and_commits_wait_for_the_lows(
     kafka: Any, triton: Any
 ) -> None:
-    settings = make_settings(kafka, triton, max_active_jobs=1, max_in_flight=64)
+    # queue order alone: preemption (tested below) would let the highs overtake the blocker too
+    settings = make_settings(
+        kafka, triton, max_active_jobs=1, max_in_flight=64, admission_preempt=False
+    )
     topic = settings.request_topic
     async with running_service(settings, partitions=1) as service, client_of(settings) as client:
         order = freed_order(service)
@@ -131,7 +139,8 @@ async def test_a_deadline_that_cannot_be_met_is_refused_at_once(kafka: Any, trit
         assert warm.ok, warm.reason
         expected = service.admission.queue.expected_run_s(20)
         assert expected > 0
-        await client.send(req("blocker", steps=150))
+        # a high blocker: the late high cannot preempt it (only a worse class yields)
+        await client.send(req("blocker", priority="high", steps=150))
         await until(lambda: service.admission.active == 1, what="the blocker to start")
         slack = 1.0
         deadline = time.time() + expected + slack  # met only if started within `slack`
@@ -155,3 +164,49 @@ async def test_a_deadline_that_cannot_be_met_is_refused_at_once(kafka: Any, trit
         blocker = await client.wait("blocker", 120)
         assert blocker.ok
         assert order == ["warm", "blocker"]
+
+
+async def solo_image(triton: Any, request: GenerationRequest) -> np.ndarray[Any, Any]:
+    """The request's first image when it runs alone, straight against Triton."""
+    async with TritonClient(triton.grpc_url) as client:
+        job = start_job(request, await client.model_info())
+        return (await run_job(job, client)).images[0]
+
+
+async def test_a_high_preempts_a_long_low_at_a_step_and_the_low_image_is_unchanged(
+    kafka: Any, triton: Any
+) -> None:
+    settings = make_settings(kafka, triton, max_active_jobs=1, max_in_flight=64)
+    assert settings.admission_preempt
+    low = GenerationRequest(
+        prompt="a long low job", request_id="low", priority="low", steps=150, seed=7
+    )
+    solo = await solo_image(triton, low)
+    async with running_service(settings, partitions=1) as service, client_of(settings) as client:
+        order = freed_order(service)
+        done_at: dict[str, float] = {}
+
+        async def wait(rid: str) -> Answer:
+            answer = await client.wait(rid, 180)
+            done_at[rid] = time.monotonic()
+            return answer
+
+        await client.send(low)
+        low_answer = asyncio.create_task(wait("low"))
+        await until(lambda: service.admission.active == 1, what="the low to start")
+        await asyncio.sleep(0.5)  # well into its denoising loop
+        sent = time.monotonic()
+        await client.send(req("high", priority="high", steps=12))
+        high = await wait("high")
+        assert high.ok, high.reason
+        assert not low_answer.done(), "the low finished before the high: nothing to preempt"
+        assert service.admission.preemptions == 1
+        answer = await low_answer
+        assert answer.ok and answer.result is not None, answer.reason
+        assert order == ["high", "low"]  # the low yielded (no release) and finished after
+        high_s, low_left_s = done_at["high"] - sent, done_at["low"] - done_at["high"]
+        assert high_s < low_left_s, (high_s, low_left_s)  # well before: the low had most to go
+        # resumed from the same step with its state untouched: the very image of its solo run
+        assert np.array_equal(decode_png(answer.result.images[0].png), solo)
+        assert service.admission.active == 0 and service.batcher is not None
+        assert service.batcher.active == 0

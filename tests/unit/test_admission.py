@@ -10,7 +10,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orchestrator.admission import AdmissionGate
-from orchestrator.core.admission import AdmissionPolicy, AdmissionQueue, priority_of
+from orchestrator.core.admission import (
+    AdmissionPolicy,
+    AdmissionQueue,
+    Running,
+    preemption_victims,
+    priority_of,
+)
 from orchestrator.domain import GenerationRequest, Priority
 from orchestrator.errors import DeadlineExceeded
 
@@ -274,3 +280,170 @@ async def test_a_waiter_whose_deadline_cannot_be_met_is_refused_at_once() -> Non
         async with gate.slot(request("passed", deadline=gate.clock() - 1)):
             pytest.fail("must not start")
     assert refused == [NORMAL, NORMAL] and gate.active == 0
+
+
+# -- preemption ------------------------------------------------------------------------------
+
+
+def running(key: str, priority: Priority, arrival: float, **kw: object) -> Running[str]:
+    return Running(key, priority, arrival, **kw)  # type: ignore[arg-type]
+
+
+def test_only_a_waiting_high_preempts_and_only_a_worse_class_yields() -> None:
+    jobs = [
+        running("high", HIGH, 0.0),
+        running("normal", NORMAL, 1.0),
+        running("low-old", LOW, 2.0),
+        running("low-new", LOW, 3.0),
+    ]
+    assert preemption_victims([NORMAL, LOW], jobs, 2) == []  # no high waits: nobody yields
+    assert preemption_victims([HIGH], jobs, 2) == ["low-new"]  # worst class, latest arrival
+    assert preemption_victims([HIGH, HIGH, HIGH], jobs, 2) == ["low-new", "low-old", "normal"]
+    assert preemption_victims([HIGH] * 5, jobs, 2) == ["low-new", "low-old", "normal"]
+    assert preemption_victims([HIGH], [running("high", HIGH, 0.0)], 2) == []  # never a high
+
+
+def test_a_victim_already_asked_covers_one_high_and_max_preemptions_bounds_it() -> None:
+    jobs = [running("asked", LOW, 0.0, asked=True), running("low", LOW, 1.0)]
+    assert preemption_victims([HIGH], jobs, 2) == []  # the asked one covers the one high
+    assert preemption_victims([HIGH, HIGH], jobs, 2) == ["low"]
+    worn = [running("worn", LOW, 0.0, preemptions=2), running("once", NORMAL, 1.0, preemptions=1)]
+    assert preemption_victims([HIGH, HIGH], worn, 2) == ["once"]
+    assert preemption_victims([HIGH], worn, 0) == []  # 0: nobody is ever preempted
+
+
+class StepJob:
+    """A job of `steps` step boundaries inside its slot; records what happened in `log`."""
+
+    def __init__(self, gate: AdmissionGate, rid: str, priority: str, steps: int) -> None:
+        self.gate, self.rid, self.priority, self.steps = gate, rid, priority, steps
+        self.done_steps = 0
+        self.step = asyncio.Event()  # set to let one step go
+
+    async def run(self, log: list[str]) -> None:
+        async with self.gate.slot(request(self.rid, self.priority)):
+            log.append(f"start {self.rid}")
+            while self.done_steps < self.steps:
+                await self.gate.checkpoint(self.rid, self.steps - self.done_steps)
+                await self.step.wait()
+                self.step.clear()
+                self.done_steps += 1
+            log.append(f"end {self.rid}")
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+async def test_a_high_makes_a_low_yield_at_its_next_step_and_the_low_resumes_where_it_was() -> None:
+    waits: list[Priority] = []
+    gate = AdmissionGate(1, on_admit=lambda p, s: waits.append(p), preempt=True)
+    log: list[str] = []
+    low = StepJob(gate, "low", "low", 3)
+    low_task = asyncio.create_task(low.run(log))
+    await settle()
+    low.step.set()  # step 1 of 3 done
+    await settle()
+    high = StepJob(gate, "high", "high", 1)
+    high_task = asyncio.create_task(high.run(log))
+    await settle()
+    assert log == ["start low"]  # the low holds the slot until its next step boundary
+    low.step.set()  # step 2 done: at the boundary it yields
+    await settle()
+    assert log == ["start low", "start high"] and gate.active == 1 and gate.preemptions == 1
+    assert gate.position("low") == 1 and low.done_steps == 2
+    high.step.set()
+    await high_task
+    await settle()
+    assert gate.position("low") is None and gate.active == 1  # resumed with its slot
+    low.step.set()
+    await low_task
+    assert low.done_steps == 3 and log[-2:] == ["end high", "end low"]
+    assert gate.active == 0 and waits == [LOW, HIGH]  # a resume is not a second admission
+
+
+async def test_without_preempt_the_high_waits_for_the_whole_low_job() -> None:
+    gate = AdmissionGate(1)
+    log: list[str] = []
+    low = StepJob(gate, "low", "low", 2)
+    low_task = asyncio.create_task(low.run(log))
+    await settle()
+    high_task = asyncio.create_task(StepJob(gate, "high", "high", 0).run(log))
+    await settle()
+    low.step.set()
+    await settle()
+    low.step.set()
+    await asyncio.gather(low_task, high_task)
+    assert log == ["start low", "end low", "start high", "end high"] and gate.preemptions == 0
+
+
+async def test_a_job_is_preempted_at_most_max_preemptions_times() -> None:
+    gate = AdmissionGate(1, preempt=True, max_preemptions=1)
+    log: list[str] = []
+    low = StepJob(gate, "low", "low", 3)
+    low_task = asyncio.create_task(low.run(log))
+    await settle()
+    highs = []
+    for i in range(2):
+        highs.append(asyncio.create_task(StepJob(gate, f"high-{i}", "high", 0).run(log)))
+        await settle()
+        low.step.set()
+        await settle()
+    await highs[0]
+    # the first high preempted the low; the second found it worn out and waited for its end
+    assert log[:3] == ["start low", "start high-0", "end high-0"]
+    assert gate.preemptions == 1 and "start high-1" not in log
+    low.step.set()
+    await settle()
+    low.step.set()
+    await low_task
+    await asyncio.gather(*highs)
+    assert log[-3:] == ["end low", "start high-1", "end high-1"]
+    assert gate.active == 0
+
+
+async def test_cancel_while_suspended_frees_nothing_twice() -> None:
+    gate = AdmissionGate(1, preempt=True)
+    freed: list[str] = []
+    gate.on_slot_freed(freed.append)
+    log: list[str] = []
+    low = StepJob(gate, "low", "low", 3)
+    low_task = asyncio.create_task(low.run(log))
+    await settle()
+    high = StepJob(gate, "high", "high", 1)
+    high_task = asyncio.create_task(high.run(log))
+    await settle()
+    low.step.set()  # the low yields at the boundary after step 1
+    await settle()
+    assert log == ["start low", "start high"] and gate.position("low") == 1
+    low_task.cancel()  # cancelled while it waits to resume: it holds no slot
+    with pytest.raises(asyncio.CancelledError):
+        await low_task
+    assert gate.active == 1 and gate.position("low") is None and freed == []
+    high.step.set()
+    await high_task
+    assert gate.active == 0 and freed == ["high"]
+    # the gate still works: a new job starts at once
+    async with gate.slot(request("next")):
+        assert gate.active == 1
+    assert gate.active == 0
+
+
+async def test_a_yield_whose_high_went_away_is_skipped() -> None:
+    gate = AdmissionGate(1, preempt=True)
+    log: list[str] = []
+    low = StepJob(gate, "low", "low", 2)
+    low_task = asyncio.create_task(low.run(log))
+    await settle()
+    high_task = asyncio.create_task(StepJob(gate, "high", "high", 0).run(log))
+    await settle()
+    high_task.cancel()  # the high is cancelled before the low reaches its boundary
+    with pytest.raises(asyncio.CancelledError):
+        await high_task
+    low.step.set()
+    await settle()
+    assert gate.preemptions == 0 and gate.active == 1 and gate.position("low") is None
+    low.step.set()
+    await low_task
+    assert log == ["start low", "end low"] and gate.active == 0

@@ -141,3 +141,59 @@ async def test_calls_from_outside_a_job_still_go() -> None:
     batcher = StepBatcher(SlowEcho(), {"unet": 64}, cohorts=CohortPolicy(2))
     out = await asyncio.wait_for(batcher.infer(call()), 1.0)
     assert out["noise_pred"].shape == (1, 4)
+
+
+async def test_a_suspended_job_does_not_hold_its_cohorts_flush() -> None:
+    batcher = StepBatcher(SlowEcho(), {"unet": 64}, FlushPolicy(max_wait_s=5.0))
+    resume = asyncio.Event()
+    suspended = asyncio.Event()
+    records: list[BatchRecord] = []
+    batcher.on_batch = records.append
+
+    async def yielding_job() -> None:  # suspends at a step boundary (e.g. gave its slot up)
+        async with batcher.job():
+            async with batcher.suspended():
+                suspended.set()
+                await resume.wait()
+            await batcher.infer(call())  # counted again after: flushes with the others
+
+    async def stepping_job() -> float:
+        async with batcher.job():
+            await suspended.wait()
+            t0 = time.monotonic()
+            await batcher.infer(call())
+            return time.monotonic() - t0
+
+    other = asyncio.create_task(yielding_job())
+    waited = await asyncio.wait_for(stepping_job(), 2.0)
+    assert waited < 1.0  # not the 5 s wait for a member that is not going to submit
+    assert batcher.active == 0  # the suspended job is still in its block, but not counted
+    resume.set()
+    await asyncio.wait_for(other, 2.0)
+    assert batcher.active == 0 and [r.members for r in records] == [1, 1]
+
+
+async def test_suspending_while_the_others_wait_flushes_them_at_once() -> None:
+    batcher = StepBatcher(SlowEcho(), {"unet": 64}, FlushPolicy(max_wait_s=5.0))
+    go = asyncio.Event()
+    resume = asyncio.Event()
+
+    async def yielding_job() -> None:
+        async with batcher.job():
+            await go.wait()
+            async with batcher.suspended():
+                await resume.wait()
+
+    async def stepping_job() -> None:
+        async with batcher.job():
+            await batcher.infer(call())
+
+    other = asyncio.create_task(yielding_job())
+    steppers = [asyncio.create_task(stepping_job()) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert not any(t.done() for t in steppers)  # 3 of 4 members wait for the 4th
+    go.set()  # the 4th suspends: the 3 waiting go without waiting out the 5 s
+    await asyncio.wait_for(asyncio.gather(*steppers), 2.0)
+    resume.set()
+    await other
+    assert batcher.active == 0
