@@ -44,6 +44,7 @@ from orchestrator.gateway.auth import ApiKey, KeyStore, TokenBucket, retry_after
 from orchestrator.gateway.backend import Backend, KafkaUnavailable
 from orchestrator.gateway.jobs import (
     FAILED,
+    JOB_ID_PREFIX,
     SUCCEEDED,
     Job,
     Registration,
@@ -205,6 +206,47 @@ class BodyLimit:
         except _TooLarge:
             if not started:
                 await too_large(scope, receive, send)
+
+
+class RouteMetrics:
+    """Requests by route, method and status, and their latency to the response's start (pure
+    ASGI: Starlette's `BaseHTTPMiddleware` would run every response, and every chunk of an
+    events stream, through a task group and a memory stream of its own)."""
+
+    def __init__(self, app: Any, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    async def __call__(
+        self,
+        scope: MutableMapping[str, Any],
+        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
+        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
+    ) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        recorded = False
+
+        def record(status: int) -> None:
+            nonlocal recorded
+            recorded = True
+            path = getattr(scope.get("route"), "path", "unmatched")
+            method = scope["method"]
+            self.gateway.requests.labels(path, method, str(status)).inc()
+            self.gateway.latency.labels(path, method).observe(time.perf_counter() - start)
+
+        async def started(message: MutableMapping[str, Any]) -> None:
+            if not recorded and message["type"] == "http.response.start":
+                record(int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, started)
+        finally:
+            if not recorded:
+                record(500)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,7 +436,7 @@ class Gateway:
                 raise _Refused(_field_error("webhook", "must be an http(s) URL"))
             if self.gw.webhook_secret is None:
                 raise _Refused(_field_error("webhook", "webhooks are not enabled on this gateway"))
-        job_id = f"gw-{uuid.uuid4().hex}"
+        job_id = f"{JOB_ID_PREFIX}{uuid.uuid4().hex}"
         try:
             gen = _to_request(body, job_id, self.settings)
         except ValidationError as exc:
@@ -449,10 +491,12 @@ _BEARER = HTTPBearer(auto_error=False, description="an API key: `Authorization: 
 _UNTRACED = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
-def _needs(route: str) -> Callable[..., ApiKey]:
+def _needs(route: str) -> Callable[..., Awaitable[ApiKey]]:
     """A dependency: the request's API key, allowed `route` and within its rate."""
 
-    def dependency(
+    # async: a plain `def` dependency would run in a worker thread (a hop out and back, per
+    # request) though it never blocks
+    async def dependency(
         request: Request,
         _: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
     ) -> ApiKey:
@@ -566,20 +610,7 @@ def create_app(
         ]
         return JSONResponse(status_code=422, content={"detail": errors})
 
-    @app.middleware("http")
-    async def metrics(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        status = 500
-        try:
-            response: Response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            gw.requests.labels(path, request.method, str(status)).inc()
-            gw.latency.labels(path, request.method).observe(time.perf_counter() - start)
-
+    app.add_middleware(RouteMetrics, gateway=gw)
     app.add_middleware(BodyLimit, limit=gateway.max_body_bytes)
 
     @app.post("/v1/images/generations", tags=["openai"])

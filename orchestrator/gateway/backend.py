@@ -31,9 +31,10 @@ from orchestrator.adapters.kafka import (
 )
 from orchestrator.domain import GenerationRequest
 from orchestrator.errors import PublishError
-from orchestrator.gateway.jobs import Job, JobBook, Registration
+from orchestrator.gateway.jobs import JOB_ID_PREFIX, Job, JobBook, Registration
 
 log = logging.getLogger("orchestrator.gateway")
+_JOB_ID_PREFIX = JOB_ID_PREFIX.encode()
 
 
 class KafkaUnavailable(RuntimeError):
@@ -159,21 +160,28 @@ class Backend:
                     except Exception:
                         log.warning("gateway tail: skipped a record of %s", tp.topic, exc_info=True)
                     self._pos[tp] = record.offset + 1
+            if not batches:
+                continue  # nothing moved: no waiter's predicate can have changed
             async with self._changed:
                 self._changed.notify_all()
 
     async def _on_record(self, topic: str, record: Any) -> None:
-        headers = [(k, None if v is None else bytes(v)) for k, v in record.headers or ()]
-        now_ms = int(record.timestamp) if record.timestamp else int(time.time() * 1000)
         if topic == self.registry_topic:
             if record.value is not None:
                 self.book.register(Registration.decode(record.value))
             return
         if topic == self.progress_topic:
+            # keyed by request id: another client's job is not decoded (it is never visible)
+            if record.key is not None and not bytes(record.key).startswith(_JOB_ID_PREFIX):
+                return
             await self.codec.resolve(record.value)
             self.book.progress(self.codec.decode_progress(record.value))
             return
+        headers = [(k, None if v is None else bytes(v)) for k, v in record.headers or ()]
         rid = header_str(headers, CORRELATION_ID_HEADER)
+        if rid is not None and not rid.startswith(JOB_ID_PREFIX):
+            return
+        now_ms = int(record.timestamp) if record.timestamp else int(time.time() * 1000)
         if topic == self.dlq_topic:
             if rid is None:
                 with contextlib.suppress(Exception):

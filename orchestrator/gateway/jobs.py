@@ -19,6 +19,8 @@ from orchestrator.adapters.avro import ProgressEventRecord as Progress
 from orchestrator.domain import JobEvent
 
 REGISTRY_VERSION = 1
+#: every gateway job's id (its request id) starts so; the tail skips other requests' records
+JOB_ID_PREFIX = "gw-"
 
 QUEUED = "queued"
 RUNNING = "running"
