@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -214,7 +215,11 @@ async def run(broker: TansuBroker, triton: TritonServer, args: argparse.Namespac
     }
     py = [sys.executable, "-m", "orchestrator"]
     service = child([*py, "serve"], env, work / "service.log")
-    gateway = child([*py, "gateway", "--port", str(port)], gateway_env, work / "gateway.log")
+    gateway_py = py
+    if args.profile:  # cProfile writes its file when the gateway exits (on SIGINT, below)
+        gateway_py = [sys.executable, "-m", "cProfile", "-o", args.profile, "-m", "orchestrator"]
+    gateway_cmd = [*gateway_py, "gateway", "--port", str(port)]
+    gateway = child(gateway_cmd, gateway_env, work / "gateway.log")
     client = Client.from_settings(settings)
     try:
         await client.start()
@@ -262,7 +267,9 @@ async def run(broker: TansuBroker, triton: TritonServer, args: argparse.Namespac
             print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     finally:
         await client.stop()
-        stop_process_group(gateway, timeout=10)
+        # uvicorn re-raises the signal it caught; SIGINT lets cProfile write its file first
+        stop_sig = signal.SIGINT if args.profile else signal.SIGTERM
+        stop_process_group(gateway, timeout=10, sig=stop_sig)
         stop_process_group(service, timeout=20)
     shutil.rmtree(work, ignore_errors=True)  # kept (with the children's logs) after a failure
     return 0
@@ -292,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=60, help="about this many per path")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--models-dir", default="build/bench/micro")
+    parser.add_argument("--profile", help="run the gateway under cProfile, stats to this file")
     return asyncio.run(main_async(parser.parse_args(argv)))
 
 
