@@ -17,7 +17,7 @@ import fastavro
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from orchestrator.adapters.avro import REQUEST_SCHEMA, RESULT_SCHEMA, AvroCodec, frame
+from orchestrator.adapters.avro import RECORD_TYPES, REQUEST_SCHEMA, AvroCodec, frame
 from orchestrator.adapters.schema_registry import (
     HttpSchemaRegistry,
     LocalSchemaDirectory,
@@ -130,7 +130,7 @@ async def test_registry_mode_resolves_caches_unknown_ids_and_waits_out_an_outage
             client_for(settings, codec=client_codec) as client,
         ):
             # start-up registered the current schemas, with credentials
-            assert set(registry.posts) == {REQUEST_SCHEMA, RESULT_SCHEMA}
+            assert set(registry.posts) == set(RECORD_TYPES)
 
             # -- a record written with the v1 schema, an id only the registry knows -----------
             v1_id = registry.add(LOCAL.schema(1), REQUEST_SCHEMA)

@@ -54,6 +54,11 @@ NEW_PREFIX = "new_"
 BATCHES = 4
 
 
+class Unavailable(Exception):
+    """The UNet this model calls is not ready (a server starting): answered UNAVAILABLE, which
+    the orchestrator treats as transient."""
+
+
 class Miss(Exception):
     """Rows named by a request that the cache does not hold."""
 
@@ -189,7 +194,15 @@ class TritonPythonModel:
             inputs=inputs,
         ).exec()
         if response.has_error():
-            raise RuntimeError(f"{self.target}: {response.error().message()}")
+            error = response.error()
+            message = f"{self.target}: {error.message()}"
+            code = getattr(error, "code", lambda: None)()
+            unavailable = getattr(pb_utils.TritonError, "UNAVAILABLE", object())
+            if code == unavailable or "not ready" in message.lower():
+                # the UNet is loading (a restart): the caller may try again, as with any
+                # endpoint that is not ready yet
+                raise Unavailable(message)
+            raise RuntimeError(message)
         return pb_utils.InferenceResponse(output_tensors=response.output_tensors())
 
     def outputs(self, request: Any) -> list[str]:
@@ -205,6 +218,8 @@ class TritonPythonModel:
             except Exception as exc:  # answered, never raised out of execute
                 message = str(exc) if isinstance(exc, Miss) else f"{self.model_name}: {exc!r}"
                 error = pb_utils.TritonError(message)
+                if isinstance(exc, Unavailable) and hasattr(pb_utils.TritonError, "UNAVAILABLE"):
+                    error = pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[], error=error))
         return responses
 
