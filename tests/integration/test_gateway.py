@@ -28,7 +28,7 @@ import aiohttp
 import aiohttp.web
 import pytest
 
-from orchestrator.adapters.child_process import free_port, spawn, stop_process_group
+from orchestrator.adapters.child_process import GroupGuard, free_port, stop_process_group
 from orchestrator.adapters.kafka_broker import TansuBroker, create_topics
 from orchestrator.config import Settings
 from orchestrator.gateway.webhook import SIGNATURE_HEADER, verify
@@ -93,13 +93,25 @@ class Gateway:
             }
         )
         self.process: subprocess.Popen[bytes] | None = None
+        self.guard: GroupGuard | None = None
 
     def start(self) -> None:
+        """Not started with `spawn()`: its parent-death signal needs Python code run in the
+        forked child (a preexec_fn), and with this process's service and tracer threads running
+        the child's at-fork handlers can crash it (seen: OpenTelemetry's, a segfault). A plain
+        Popen in a session of its own, with a GroupGuard that kills the session when this
+        process dies, runs no Python in the child."""
         command = [sys.executable, "-m", "orchestrator", "gateway", "--port", str(self.port)]
         with self.log.open("ab") as out:
-            self.process = spawn(
-                command, stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=self.env
+            self.process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                env=self.env,
+                start_new_session=True,
             )
+        self.guard = GroupGuard(self.process.pid)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -121,6 +133,9 @@ class Gateway:
     def stop(self) -> None:
         if self.process is not None:
             stop_process_group(self.process, timeout=10)
+        if self.guard is not None:
+            self.guard.release()
+            self.guard = None
 
 
 @dataclass
