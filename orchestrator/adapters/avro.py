@@ -800,11 +800,7 @@ def _float(value: Any) -> float:
 
 
 def _opt_bytes(value: Any) -> bytes | None:
-    if value is None:
-        return None
-    if not isinstance(value, bytes):
-        raise TypeError(f"expected bytes, got {type(value).__name__}")
-    return value
+    return None if value is None else _bytes(value)
 
 
 def _str_map(value: Any) -> dict[str, str]:
