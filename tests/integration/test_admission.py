@@ -73,7 +73,7 @@ async def test_highs_overtake_a_burst_of_lows_and_commits_wait_for_the_lows(
         async def watch_commits() -> None:
             while True:
                 committed = await service.consumer.committed_offset((topic, 0)) or 0
-                answered = set(service._answers)
+                answered = set(service.answering.answers)
                 unanswered = [i for i, rid in enumerate(ids[:committed]) if rid not in answered]
                 assert not unanswered, f"committed {committed} past unanswered {unanswered}"
                 highs = sum(1 for r in answered if r.startswith("high"))

@@ -24,7 +24,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.structs import ConsumerRecord
 
-import orchestrator.service as service_module
+import orchestrator.handling as handling_module
 from orchestrator.adapters.kafka import (
     CORRELATION_ID_HEADER,
     REPLY_TOPIC_HEADER,
@@ -204,10 +204,10 @@ async def test_an_exception_at_each_step_of_handling_ends_in_a_dead_letter(
         decode, encode, store, run = (
             service.codec.decode_request_record,
             service.codec.encode_result,
-            service._store,
-            service._run,
+            service.answering.store,
+            service.handling.run,
         )
-        start_job, publish = service_module.start_job, service.producer.publish
+        start_job, publish = handling_module.start_job, service.producer.publish
 
         def decode_failing(data: bytes) -> Any:
             decoded = decode(data)
@@ -237,10 +237,10 @@ async def test_an_exception_at_each_step_of_handling_ends_in_a_dead_letter(
 
         monkeypatch.setattr(service.codec, "decode_request_record", decode_failing)
         monkeypatch.setattr(service.codec, "encode_result", encode_failing)
-        monkeypatch.setattr(service, "_store", store_failing)
-        monkeypatch.setattr(service, "_run", run_failing)
+        monkeypatch.setattr(service.answering, "store", store_failing)
+        monkeypatch.setattr(service.handling, "run", run_failing)
         monkeypatch.setattr(service.producer, "publish", publish_failing)
-        monkeypatch.setattr(service_module, "start_job", start_failing)
+        monkeypatch.setattr(handling_module, "start_job", start_failing)
         good = [f"good-{i}" for i in range(3)]
         for rid in [*victims, *good]:
             await client.send(GenerationRequest(prompt=rid, steps=2, request_id=rid))

@@ -24,7 +24,7 @@ from aiokafka.structs import ConsumerRecord, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import orchestrator.service as service_module
+import orchestrator.handling as handling_module
 from orchestrator.adapters.kafka import DLQ_ORIGINAL_OFFSET, DLQ_ORIGINAL_PARTITION, header_str
 from orchestrator.config import load_settings
 from orchestrator.domain import GeneratedImages, GenerationRequest
@@ -243,8 +243,8 @@ async def _run(plan_list: list[Plan], tmp: Path) -> tuple[Log, list[Any], dict[s
 
     decode = service.codec.decode_request_record
     encode = service.codec.encode_result
-    store = service._store
-    start_job = service_module.start_job
+    store = service.answering.store
+    start_job = handling_module.start_job
 
     def decode_failing(data: bytes) -> Any:
         decoded = decode(data)
@@ -271,12 +271,12 @@ async def _run(plan_list: list[Plan], tmp: Path) -> tuple[Log, list[Any], dict[s
 
     service.codec.decode_request_record = decode_failing  # type: ignore[method-assign]
     service.codec.encode_result = encode_failing  # type: ignore[method-assign]
-    service._store = store_failing  # type: ignore[method-assign]
-    service._run = run  # type: ignore[method-assign]
+    service.answering.store = store_failing  # type: ignore[method-assign]
+    service.handling.run = run  # type: ignore[method-assign]
     service.triton = FakeTriton()  # type: ignore[assignment]
     service.consumer._consumer = FakeAioConsumer(log, records)
     service.producer._producer = FakeAioProducer(log, "answers", "dead", plans)
-    service_module.start_job = start_job_failing  # type: ignore[assignment]
+    handling_module.start_job = start_job_failing  # type: ignore[assignment]
     task = asyncio.create_task(service.run())
     try:
         want = {(TOPIC, p): len(r) for p, r in records.items() if r}
@@ -291,7 +291,7 @@ async def _run(plan_list: list[Plan], tmp: Path) -> tuple[Log, list[Any], dict[s
         else:
             raise AssertionError(f"not every record ended: committed {committed}, want {want}")
     finally:
-        service_module.start_job = start_job
+        handling_module.start_job = start_job
         service.stop()
         await asyncio.wait_for(task, 10)
     flat = [r for p in sorted(records) for r in records[p]]
@@ -376,11 +376,11 @@ def test_a_dead_letter_refused_for_its_size_goes_without_the_original(tmp_path: 
 async def test_stored_image_uris_follow_output_uri_base(tmp_path: Path) -> None:
     cfg = dict(bootstrap_servers="127.0.0.1:1", triton_url="127.0.0.1:1", output_dir=tmp_path)
     plain = Service(load_settings(None, **cfg))
-    path = plain._store("req-1", 0, b"png")
-    assert plain._uri(path) == path.as_uri() and path.is_relative_to(tmp_path.resolve())
+    path = plain.answering.store("req-1", 0, b"png")
+    assert plain.answering.uri(path) == path.as_uri() and path.is_relative_to(tmp_path.resolve())
     served = Service(load_settings(None, output_uri_base="https://img.example/v1/", **cfg))
     digest = hashlib.sha256(b"req-1").hexdigest()
-    assert served._uri(path) == f"https://img.example/v1/{digest[:2]}/{digest}/0.png"
+    assert served.answering.uri(path) == f"https://img.example/v1/{digest[:2]}/{digest}/0.png"
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match="output_uri_base"):
