@@ -5,6 +5,14 @@ through :func:`spawn`: the child gets its own session (one process group to sign
 of the terminal's Ctrl-C) and, on Linux, a parent-death signal, so that a SIGKILL of this process
 or a closed terminal does not leave a broker or a Triton holding their ports.
 
+The parent-death signal is armed with prctl(2) in the child, which must not run Python
+between fork and exec: a forked child of a process whose other threads run (gRPC, OpenTelemetry,
+the in-process service) can deadlock or crash there (seen: a segfault in OpenTelemetry's at-fork
+handler run by a `preexec_fn`). :func:`spawn` therefore fork-execs a fresh interpreter (a plain
+Popen, no Python after the fork) that arms the signal and then execs the program in the same
+process, so the program keeps the pid, the session and the signal; this costs one Python start
+(about 20-40 ms) per spawn, small beside the servers it starts.
+
 Linux sends the parent-death signal when the *thread* that forked the child ends, not the
 process. :func:`spawn` therefore forks from the main thread, or from one spawner thread that
 lives as long as the process when called from any other thread.
@@ -19,7 +27,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import ctypes
 import errno
 import os
 import signal
@@ -28,14 +35,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
-
-#: prctl(2) option that sets the signal a process gets when its parent (thread) dies
-PR_SET_PDEATHSIG = 1
 
 _spawner: concurrent.futures.ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
@@ -175,37 +179,88 @@ def foreign_listeners(pid: int, port: int) -> list[PortHolder] | None:
 # -- spawning children that die with us -----------------------------------------------------------
 
 
-def _prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    prctl = libc.prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    return prctl
+#: Runs in a fresh interpreter that spawn() starts in place of the program (`python -I -S`, so
+#: nothing of the user's Python set-up, about 20-40 ms): it arms the parent-death signal, makes
+#: sure the parent did not die before that, restores the signals Python's start ignores (as
+#: Popen does), takes the program's environment from the channel (the interpreter's own start
+#: may have changed its environment, e.g. LC_CTYPE) and execs the program in the same process.
+#: A failure is written back on the channel; a successful exec closes it.
+_ARM_AND_EXEC = """\
+import ctypes, os, signal, sys
+PR_SET_PDEATHSIG = 1
+channel, parent, death = (int(word) for word in sys.argv[1:4])
+try:
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+    if prctl(PR_SET_PDEATHSIG, death, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent:
+        os.kill(os.getpid(), death)
+    data = bytearray()
+    while chunk := os.read(channel, 1 << 16):
+        data += chunk
+    env = dict(item.split(b"=", 1) for item in bytes(data).split(b"\\0") if item)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    os.set_inheritable(channel, False)
+    os.execvpe(sys.argv[4], sys.argv[5:], env)
+except BaseException as exc:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+    os.write(channel, f"{getattr(exc, 'errno', 0) or 0} {reason}".encode())
+    os._exit(127)
+"""
+
+#: how long spawn() waits for the program to be exec'd (a loaded machine starts Python slowly)
+EXEC_TIMEOUT_S = 60.0
 
 
-def _die_with_parent(parent_pid: int, death_signal: int) -> Callable[[], None] | None:
-    """The preexec_fn that arms the parent-death signal in the child, before exec."""
-    prctl = _prctl()
-    if prctl is None:
-        return None
-
-    def arm() -> None:
-        if prctl(PR_SET_PDEATHSIG, death_signal, 0, 0, 0) != 0:
-            os._exit(126)
-        if os.getppid() != parent_pid:
-            # the parent died between fork and prctl: the signal will never come
-            os.kill(os.getpid(), death_signal)
-
-    return arm
+def _environment_block(env: Any) -> bytes:
+    """`env` (None: this process's environment) as NUL-separated NAME=VALUE bytes."""
+    items = os.environb.items() if env is None else env.items()
+    block = bytearray()
+    for name, value in items:
+        name, value = os.fsencode(name), os.fsencode(value)
+        if not name or b"=" in name or b"\0" in name or b"\0" in value:
+            raise ValueError(f"illegal environment variable {name!r}")
+        block += name + b"=" + value + b"\0"
+    return bytes(block)
 
 
 def _spawn_here(
     args: Sequence[str], death_signal: int, kwargs: dict[str, Any]
 ) -> subprocess.Popen[bytes]:
-    preexec = _die_with_parent(os.getpid(), death_signal)
-    return subprocess.Popen(args, start_new_session=True, preexec_fn=preexec, **kwargs)
+    """Fork-exec the wrapper (no Python runs between fork and exec), feed it the program's
+    environment and wait until it has exec'd the program or reported why it could not."""
+    if not sys.platform.startswith("linux"):  # no parent-death signal: a session of its own
+        return subprocess.Popen(args, start_new_session=True, **kwargs)
+    argv = [os.fsdecode(arg) for arg in ([args] if isinstance(args, (str, bytes)) else args)]
+    program = os.fsdecode(kwargs.pop("executable", None) or argv[0])
+    environment = _environment_block(kwargs.pop("env", None))
+    ours, theirs = socket.socketpair()
+    with ours:
+        with theirs:
+            wrapper = [sys.executable, "-I", "-S", "-c", _ARM_AND_EXEC]
+            wrapper += [str(theirs.fileno()), str(os.getpid()), str(death_signal), program, *argv]
+            pass_fds = (*kwargs.pop("pass_fds", ()), theirs.fileno())
+            process = subprocess.Popen(wrapper, start_new_session=True, pass_fds=pass_fds, **kwargs)
+        try:
+            ours.settimeout(EXEC_TIMEOUT_S)
+            ours.sendall(environment)
+            ours.shutdown(socket.SHUT_WR)
+            report = b""
+            while chunk := ours.recv(4096):
+                report += chunk
+        except OSError:
+            stop_process_group(process, timeout=0)
+            raise
+    if report:
+        process.wait()
+        code, _, reason = report.decode("utf-8", "replace").partition(" ")
+        if int(code):
+            raise OSError(int(code), reason, program)
+        raise OSError(f"cannot start {program}: {reason}")
+    process.args = args  # what was asked for, as Popen would show it, not the wrapper
+    return process
 
 
 def _spawner_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -222,9 +277,12 @@ def spawn(
     args: Sequence[str], *, death_signal: int = signal.SIGKILL, **kwargs: Any
 ) -> subprocess.Popen[bytes]:
     """`subprocess.Popen(args, **kwargs)` in a new session, killed by `death_signal` when this
-    process dies (Linux), whatever the thread that calls it."""
+    process dies (Linux), whatever the thread that calls it. Like Popen it returns once the
+    program runs, and raises OSError (FileNotFoundError, PermissionError...) if it cannot."""
     if "start_new_session" in kwargs or "preexec_fn" in kwargs:
-        raise TypeError("spawn() sets start_new_session and preexec_fn itself")
+        raise TypeError("spawn() starts its own session and runs no Python in the child")
+    if kwargs.get("shell") or kwargs.get("restore_signals") is False:
+        raise TypeError("spawn() runs a program, not a shell, and restores signals as Popen does")
     if threading.current_thread() is threading.main_thread():
         return _spawn_here(args, death_signal, kwargs)
     return _spawner_pool().submit(_spawn_here, args, death_signal, kwargs).result()

@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -78,6 +79,81 @@ def test_child_dies_when_its_parent_is_killed(thread: str) -> None:
         assert wait_dead(child), f"child {child} outlived its SIGKILLed parent"
     finally:
         stop_process_group(parent, timeout=1)
+
+
+# A parent whose other threads keep running Python while it spawns `sleep` from its main thread
+# and from several threads at once; an at-fork handler leaves a mark if Python runs in a forked
+# child (what a preexec_fn does, and what crashed children in OpenTelemetry's handler).
+BUSY_PARENT = textwrap.dedent(
+    """
+    import os, sys, threading
+    from orchestrator.adapters.child_process import spawn
+
+    mark = sys.argv[1]
+    os.register_at_fork(after_in_child=lambda: os.close(os.open(mark, os.O_CREAT | os.O_WRONLY)))
+    stop = threading.Event()
+
+    def busy():
+        while not stop.is_set():
+            sum(range(1000))
+
+    for _ in range(4):
+        threading.Thread(target=busy, daemon=True).start()
+    children = []
+    spawners = [
+        threading.Thread(target=lambda: children.append(spawn(["sleep", "300"])))
+        for _ in range(3)
+    ]
+    for thread in spawners:
+        thread.start()
+    children.append(spawn(["sleep", "300"]))
+    for thread in spawners:
+        thread.join()
+    print(*(child.pid for child in children), flush=True)
+    threading.Event().wait(300)
+    """
+)
+
+
+def test_child_spawned_while_other_threads_run_dies_with_its_parent(tmp_path: Path) -> None:
+    mark = tmp_path / "python-ran-in-a-forked-child"
+    parent = spawn([sys.executable, "-c", BUSY_PARENT, str(mark)], stdout=subprocess.PIPE)
+    try:
+        assert parent.stdout is not None
+        children = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(children) == 4, "the parent did not spawn its four children"
+        assert all(alive(child) for child in children)
+        assert not mark.exists(), "Python code ran in a forked child before exec"
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(10)
+        survivors = [child for child in children if not wait_dead(child)]
+        assert not survivors, f"children {survivors} outlived their SIGKILLed parent"
+    finally:
+        stop_process_group(parent, timeout=1)
+
+
+def test_spawn_raises_like_popen_when_the_program_cannot_run(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as missing:
+        spawn(["no-such-program-here"])
+    assert missing.value.filename == "no-such-program-here"
+    script = tmp_path / "not-executable.sh"
+    script.write_text("#!/bin/sh\n")
+    with pytest.raises(PermissionError):
+        spawn([str(script)])
+    with pytest.raises(FileNotFoundError):  # a relative path is looked up from cwd, as Popen does
+        spawn(["./not-there"], cwd=tmp_path)
+
+
+def test_spawned_program_gets_its_environment_and_signals_as_popen_gives_them() -> None:
+    env = {"PATH": os.environ["PATH"], "ONLY_THIS": "a=b c"}  # no LANG: a C locale to coerce
+    listed = spawn(["env"], env=env, stdout=subprocess.PIPE)
+    out, _ = listed.communicate(timeout=10)
+    assert sorted(out.decode().splitlines()) == ["ONLY_THIS=a=b c", f"PATH={env['PATH']}"]
+    status = ["grep", "-E", "^Sig(Ign|Blk)", "/proc/self/status"]
+    expected = subprocess.run(status, stdout=subprocess.PIPE, check=True).stdout
+    spawned = spawn(status, stdout=subprocess.PIPE)
+    assert spawned.communicate(timeout=10)[0] == expected
+    assert spawned.returncode == 0
 
 
 def test_stop_process_group_kills_what_the_child_started() -> None:
