@@ -44,6 +44,7 @@ from orchestrator.adapters.tracing import producer_span
 from orchestrator.adapters.triton import grpc_code
 from orchestrator.batcher import BatchRecord
 from orchestrator.config import Settings
+from orchestrator.core.roles import Role
 from orchestrator.domain import GeneratedImages, GenerationRequest, JobEvent
 from orchestrator.errors import OrchestratorError, PublishError
 from orchestrator.executor import JobStats
@@ -125,6 +126,7 @@ class Answering:
         stats: ServiceStats,
         progress: ProgressReporter | None,
         group_id: str,
+        role: Role = Role.ALL,
     ) -> None:
         self.settings = settings
         self.codec = codec
@@ -134,6 +136,7 @@ class Answering:
         self.stats = stats
         self.progress = progress
         self.group_id = group_id
+        self.role = role
         #: request_id -> its answer, for redelivered or repeated requests (bounded, LRU)
         self.answers: collections.OrderedDict[str, Answer] = collections.OrderedDict()
         self._in_progress: dict[str, asyncio.Future[Answer | None]] = {}
@@ -303,6 +306,14 @@ class Answering:
         if not isinstance(exc, OrchestratorError):
             headers = [(k, v) for k, v in headers if k != DLQ_ERROR_STAGE]
             headers.append((DLQ_ERROR_STAGE, stage.encode()))
+        if self.role is not Role.ALL:
+            # a stage role names itself: "denoise.decode" is the denoise role decoding
+            headers = [
+                (k, f"{self.role.value}.{(v or b'').decode()}".encode())
+                if k == DLQ_ERROR_STAGE
+                else (k, v)
+                for k, v in headers
+            ]
         refused: BaseException | None = None
         try:
             try:

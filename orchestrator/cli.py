@@ -87,6 +87,12 @@ def _add_generate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
 def _add_serve(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="consume requests from Kafka and answer them")
     serve.add_argument("--env-file", default=None, help="settings file (ORCHESTRATOR_* lines)")
+    serve.add_argument(
+        "--role",
+        choices=["all", "encode", "denoise", "decode"],
+        default=None,
+        help="the stages this process runs (default: the role setting, all)",
+    )
 
 
 def _add_dev(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -197,6 +203,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, object] = {}
     if getattr(args, "bootstrap_servers", None):
         overrides["bootstrap_servers"] = args.bootstrap_servers
+    if getattr(args, "role", None):
+        overrides["role"] = args.role
     try:
         return load_settings(env_file, **overrides)
     except ValidationError as exc:

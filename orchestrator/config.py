@@ -80,6 +80,20 @@ class Settings(BaseSettings):
         description="where commands about requests (cancel) are read from; every instance "
         "reads every partition",
     )
+    role: Literal["all", "encode", "denoise", "decode"] = Field(
+        "all",
+        description="which stages this process runs: all (the whole job), or one stage role "
+        "(encode -> encoded_topic -> denoise -> denoised_topic -> decode), each consuming its "
+        "own topic as group `<group_id>-<role>`",
+    )
+    encoded_topic: str = Field(
+        "diffusion.stage.encoded",
+        description="hand-offs of the encode role to the denoise role (EncodedRequest)",
+    )
+    denoised_topic: str = Field(
+        "diffusion.stage.denoised",
+        description="hand-offs of the denoise role to the decode role (DenoisedLatents)",
+    )
     reply_topics: str = Field(
         "",
         description="comma-separated topics, besides response_topic, a request may name as its "
@@ -391,6 +405,8 @@ class Settings(BaseSettings):
                     self.dlq_topic,
                     self.progress_topic,
                     self.control_topic,
+                    self.encoded_topic,
+                    self.denoised_topic,
                 ]
             )
         )

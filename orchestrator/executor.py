@@ -96,7 +96,38 @@ async def run_job(
     on_step: Callable[[Job, int, int], None] | None = None,
     checkpoint: Callable[[Job], Awaitable[None]] | None = None,
 ) -> GeneratedImages:
-    """Drive a job to its images, one model call after another.
+    """Drive a job to its images, one model call after another (`run_phases` through every
+    phase, then `finish`); the keywords are `run_phases`'."""
+    timings = await run_phases(
+        job,
+        runner,
+        retry,
+        on_retry,
+        stats,
+        breaker=breaker,
+        tracer=tracer,
+        on_step=on_step,
+        checkpoint=checkpoint,
+    )
+    return finish(job, timings)
+
+
+async def run_phases(
+    job: Job,
+    runner: StageRunner,
+    retry: RetryPolicy | None = None,
+    on_retry: Callable[[StageCall, BaseException], None] | None = None,
+    stats: JobStats | None = None,
+    *,
+    breaker: CircuitBreaker | None = None,
+    tracer: trace.Tracer | None = None,
+    on_step: Callable[[Job, int, int], None] | None = None,
+    checkpoint: Callable[[Job], Awaitable[None]] | None = None,
+    phases: frozenset[Phase] | None = None,
+) -> dict[str, float]:
+    """Drive a job through `phases` (a stage role's, `Role.phases`; None: every phase up to
+    done), one model call after another; the job stops at the first phase outside them, where
+    the next role resumes it. Returns the milliseconds spent per model, and "total".
 
     `on_step(job, k, n)`, when given, is called after each denoising step's advance: step `k`
     of the `n` UNet calls the job makes (img2img: those after its start step). It must be
@@ -128,7 +159,7 @@ async def run_job(
         await asyncio.sleep(seconds)
 
     try:
-        while not job.done:
+        while not job.done and (phases is None or job.phase in phases):
             if checkpoint is not None and job.phase is Phase.DENOISE:
                 await checkpoint(job)
             if deadline is not None and time.time() >= deadline:
@@ -213,4 +244,4 @@ async def run_job(
         if stage_span is not None:
             stage_span.end()
     timings["total"] = (time.perf_counter() - start) * 1000.0
-    return finish(job, timings)
+    return dict(timings)

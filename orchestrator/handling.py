@@ -3,11 +3,17 @@
 `Handling.process(record)` is the intake's handler: True once the record's answer (or dead
 letter) is acknowledged by the broker. Whatever goes wrong on the way ends in a dead letter
 naming the stage; only a dependency that is down (the schema registry) raises RetryLater.
+
+Every stage role handles its records here, the same way; `orchestrator.handoff` says what the
+role reads and, for encode and denoise, what it hands on instead of answering. The job runs the
+role's phases only (`Role.phases`); a cancel stops it in whichever role holds it, and that role
+answers `outcome=cancelled` on the reply topic.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -39,10 +45,21 @@ from orchestrator.breaker import CircuitBreaker
 from orchestrator.config import Settings
 from orchestrator.core.cancellation import CancelRegistry, Tracked, Where
 from orchestrator.core.envelope import check_envelope
-from orchestrator.core.pipeline import ENCODE_PROMPT, UNET, VAE_DECODER, VAE_ENCODER, Job, start_job
+from orchestrator.core.pipeline import (
+    ENCODE_PROMPT,
+    UNET,
+    VAE_DECODER,
+    VAE_ENCODER,
+    Job,
+    Phase,
+    finish,
+    start_job,
+)
+from orchestrator.core.roles import Role
 from orchestrator.domain import GeneratedImages, GenerationRequest, JobEvent, ModelInfo, StageCall
 from orchestrator.errors import DeadlineExceeded, OrchestratorError, PublishError
-from orchestrator.executor import JobStats, StageRunner, run_job
+from orchestrator.executor import JobStats, StageRunner, run_phases
+from orchestrator.handoff import HandedOn, Handoffs, Incoming, merge_timings
 from orchestrator.intake import RetryLater
 from orchestrator.logs import request_context
 
@@ -71,9 +88,12 @@ class Handling:
         admission: AdmissionGate,
         breaker: CircuitBreaker,
         progress: ProgressReporter | None,
-        group_id: str,
+        handoffs: Handoffs,
     ) -> None:
         self.settings = settings
+        self.handoffs = handoffs
+        self.role = handoffs.role
+        self.group_id = handoffs.group_id
         self.codec = codec
         self.answering = answering
         self.tracer = tracer
@@ -82,12 +102,11 @@ class Handling:
         self.admission = admission
         self.breaker = breaker
         self.progress = progress
-        self.group_id = group_id
         self.retry = settings.retry_policy()
         self.envelope_limits = settings.envelope_limits()
         self.reply_topics = settings.reply_topic_rule()
         # cancels: every instance reads every control record (adapters/control.py)
-        self.cancels: CancelRegistry[asyncio.Task[GeneratedImages]] = CancelRegistry(
+        self.cancels: CancelRegistry[asyncio.Task[GeneratedImages | HandedOn]] = CancelRegistry(
             settings.cancel_remember_s, settings.cancel_remember_max
         )
         self.info: ModelInfo | None = None
@@ -147,10 +166,10 @@ class Handling:
         stats = attempt.stats
         try:
             value = record.value or b""
-            if len(value) > self.settings.max_request_bytes:
+            if len(value) > self.handoffs.max_input_bytes:
                 raise RecordTooLarge(
-                    f"request record is {len(value)} bytes, more than the "
-                    f"{self.settings.max_request_bytes} allowed",
+                    f"{record.topic} record is {len(value)} bytes, more than the "
+                    f"{self.handoffs.max_input_bytes} allowed",
                     stage="decode",
                 )
             try:
@@ -159,15 +178,15 @@ class Handling:
                 if lookup.retriable:  # the schema registry is down: wait, do not dead-letter
                     raise RetryLater("schema_registry_down", lookup) from lookup
                 raise
-            decoded = self.codec.decode_request_record(value)
-            request = attempt.request = decoded.request
+            incoming = self.handoffs.read(value)
+            request = attempt.request = incoming.request
             attempt.stage = "validate"
             span.set_attribute("request.id", request.request_id[:256])
             span.set_attribute("messaging.message.id", request.request_id[:256])
             check_envelope(request, self.envelope_limits, time.time())
             reply_topic = (
                 header_str(headers, REPLY_TOPIC_HEADER)
-                or decoded.reply_topic
+                or incoming.reply_topic
                 or self.settings.response_topic
             )
             self.reply_topics.check(reply_topic)
@@ -179,6 +198,11 @@ class Handling:
                     self.metrics.duplicates.inc()
                     self.metrics.requests.labels("duplicate").inc()
                     span.set_attribute("request.duplicate", True)
+                    if self.role is not Role.ALL:
+                        # a hand-off delivered again (at least once between roles), or a
+                        # request repeated: its answer or hand-off is with the broker already
+                        attempt.acknowledged = True
+                        return True
                     # the repeat gets the answer where it asked for it, with its own correlation
                     attempt.stage = "publish"
                     await self.answering.publish(
@@ -187,13 +211,19 @@ class Handling:
                     attempt.acknowledged = True
                     return True
                 if self.progress is not None:
-                    self.progress.queued(request, correlation)
+                    if self.role in (Role.ALL, Role.ENCODE):
+                        self.progress.queued(request, correlation)
+                    else:
+                        self.progress.track(request, correlation)
                 answer = await self._generate_and_publish(
-                    request, reply_topic, out_headers, attempt, span
+                    incoming, reply_topic, out_headers, attempt, span
                 )
+                if self.role is not Role.ALL:  # never published again: the id is enough
+                    answer = dataclasses.replace(answer, value=None, headers=[])
                 self.answering.remember(request.request_id, answer)
             self.stats.answered += 1
-            self.metrics.requests.labels("cancelled" if attempt.cancelled else "answered").inc()
+            outcome = "answered" if self.handoffs.answers else "handed_on"
+            self.metrics.requests.labels("cancelled" if attempt.cancelled else outcome).inc()
             self.stats.retries += stats.retries
             return True
         except RetryLater:
@@ -216,16 +246,17 @@ class Handling:
 
     async def _generate_and_publish(
         self,
-        request: GenerationRequest,
+        incoming: Incoming,
         reply_topic: str,
         out_headers: Headers,
         attempt: Attempt,
         span: Any,
     ) -> Answer:
+        request = incoming.request
         with self.answering.answering(request.request_id) as fut:
             if request.deadline is not None and time.time() >= request.deadline:
                 raise DeadlineExceeded("the request's deadline passed before it was started")
-            generated = await self._cancellable_job(request, attempt, span)
+            generated = await self._cancellable_job(incoming, reply_topic, attempt, span)
             if generated is None:  # cancelled by a command: answered, not dead-lettered
                 answer = await self.answering.publish_cancelled(request, reply_topic, out_headers)
                 attempt.acknowledged = attempt.cancelled = True
@@ -235,6 +266,10 @@ class Handling:
             for model, ms in generated.timings_ms.items():
                 if model in _STAGE_OF_MODEL:
                     self.metrics.stage_duration.labels(_STAGE_OF_MODEL[model]).observe(ms / 1000)
+            if isinstance(generated, HandedOn):
+                answer = await self._hand_on(request, generated, out_headers, attempt)
+                fut.set_result(answer)
+                return answer
             attempt.stage = "encode"
             t0 = time.perf_counter()
             with self.tracer.start_as_current_span("encode image file"):
@@ -257,41 +292,84 @@ class Handling:
             fut.set_result(answer)
             return answer
 
+    async def _hand_on(
+        self, request: GenerationRequest, handed: HandedOn, out_headers: Headers, attempt: Attempt
+    ) -> Answer:
+        """Publish the next role's record, keyed by request id, with the correlation id (and
+        the trace, added by the producer span)."""
+        attempt.stage = "handoff"
+        if len(handed.value) > self.settings.max_record_bytes:
+            raise RecordTooLarge(
+                f"the {handed.topic} record is {len(handed.value)} bytes, more than "
+                f"max_record_bytes ({self.settings.max_record_bytes})",
+                stage="handoff",
+            )
+        answer = Answer(handed.topic, handed.value, request.request_id.encode(), out_headers)
+        answer = await self.answering.publish(answer)
+        attempt.acknowledged = True
+        return answer
+
     # -- the job -----------------------------------------------------------------------------
 
     async def _admitted_job(
-        self, request: GenerationRequest, attempt: Attempt, span: Any
-    ) -> GeneratedImages:
-        """The job from admission to its images: runs as the request's inner task, which a
-        cancel command cancels (waiting: it never starts; running: it leaves its batch at the
-        next step boundary)."""
+        self, incoming: Incoming, reply_topic: str, attempt: Attempt, span: Any
+    ) -> GeneratedImages | HandedOn:
+        """The job from admission to its images (or, in a stage role, to its hand-off): runs as
+        the request's inner task, which a cancel command cancels (waiting: it never starts;
+        running: it leaves its batch at the next step boundary)."""
+        request = incoming.request
         async with self.admission.slot(request):  # priority order; deadline_exceeded at once
             if not self.cancels.started(request.request_id):
                 raise asyncio.CancelledError  # cancelled before it could start
             assert self.info is not None
-            job = start_job(request, self.info, self.settings.limits())
+            limits = self.settings.limits()
+            if incoming.resume is None:
+                job = start_job(request, self.info, limits)
+            else:
+                job = incoming.resume(self.info, limits)
+            self.handoffs.check_fits(job)
             span.set_attribute("diffusion.steps", request.steps)
             span.set_attribute("diffusion.scheduler", request.scheduler)
             attempt.stage = "generate"
-            return await self.run(job, attempt.stats)
+            if not self.handoffs.answers:
+                timings = await self.run_stage(job, attempt.stats)
+                attempt.stage = "handoff"
+                return self.handoffs.hand_on(job, incoming, reply_topic, timings)
+            generated = await self.run(job, attempt.stats)
+            if incoming.resume is None:
+                return generated
+            return dataclasses.replace(
+                generated,
+                timings_ms=merge_timings(incoming.timings_ms, generated.timings_ms),
+                model_versions={**incoming.model_versions, **generated.model_versions},
+            )
 
     async def run(self, job: Job, stats: JobStats) -> GeneratedImages:
+        """Run the job to its images (role all, or decode from its hand-off)."""
+        return finish(job, await self.run_stage(job, stats))
+
+    async def run_stage(self, job: Job, stats: JobStats) -> dict[str, float]:
+        """Run the job through this role's phases; the milliseconds per model."""
+
         def on_retry(call: StageCall, exc: BaseException) -> None:
             self.metrics.retries.labels(call.model).inc()
             log.warning("retrying %s for %s: %s", call.model, job.request.request_id, exc)
 
-        assert self.runner is not None
+        runner = self.batcher or self.runner
+        assert runner is not None
         kwargs: dict[str, Any] = {"breaker": self.breaker, "tracer": self.tracer}
-        if self.progress is not None:
+        if self.progress is not None and Phase.DENOISE in self.role.phases:
             self.progress.started(job.request, job.total_unet_calls)
             kwargs["on_step"] = self.progress.on_step
         if self.admission.preempt:
             kwargs["checkpoint"] = self._checkpoint
+        if self.role is not Role.ALL:
+            kwargs["phases"] = self.role.phases
         with self.tracer.start_as_current_span("generate"):
             if self.batcher is not None:
                 async with self.batcher.job():
-                    return await run_job(job, self.batcher, self.retry, on_retry, stats, **kwargs)
-            return await run_job(job, self.runner, self.retry, on_retry, stats, **kwargs)
+                    return await run_phases(job, runner, self.retry, on_retry, stats, **kwargs)
+            return await run_phases(job, runner, self.retry, on_retry, stats, **kwargs)
 
     async def _checkpoint(self, job: Job) -> None:
         """A step boundary: yield the slot here when a waiting high asked for it (preemption)."""
@@ -302,12 +380,13 @@ class Handling:
     # -- cancellation ------------------------------------------------------------------------
 
     async def _cancellable_job(
-        self, request: GenerationRequest, attempt: Attempt, span: Any
-    ) -> GeneratedImages | None:
+        self, incoming: Incoming, reply_topic: str, attempt: Attempt, span: Any
+    ) -> GeneratedImages | HandedOn | None:
         """Run `_admitted_job` as an inner task registered under the request id; None when a
         cancel command stopped it (or came before the request). Any other cancellation (shutdown,
         rebalance) propagates as before."""
-        inner = asyncio.create_task(self._admitted_job(request, attempt, span))
+        request = incoming.request
+        inner = asyncio.create_task(self._admitted_job(incoming, reply_topic, attempt, span))
         entry = self.cancels.register(request.request_id, inner, time.time())
         if entry.cancelled:  # its cancel came first: never started
             inner.cancel()
@@ -340,7 +419,7 @@ class Handling:
             extra={"request_id": command.request_id[:256]},
         )
 
-    def _cancel_freed(self, entry: Tracked[asyncio.Task[GeneratedImages]]) -> None:
+    def _cancel_freed(self, entry: Tracked[asyncio.Task[GeneratedImages | HandedOn]]) -> None:
         if entry.cancelled:
             freed = self.stats.cancel_freed_at
             freed[entry.request_id] = time.time()
@@ -348,7 +427,10 @@ class Handling:
                 del freed[next(iter(freed))]
 
     def _record_cancel(
-        self, request: GenerationRequest, entry: Tracked[asyncio.Task[GeneratedImages]], span: Any
+        self,
+        request: GenerationRequest,
+        entry: Tracked[asyncio.Task[GeneratedImages | HandedOn]],
+        span: Any,
     ) -> None:
         freed = self.stats.cancel_freed_at.get(request.request_id, time.time())
         where = Where.RUNNING if entry.running else Where.WAITING

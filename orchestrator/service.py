@@ -7,7 +7,9 @@ record whose answer the broker did not acknowledge stays uncommitted and is deli
 
 The rooms: `orchestrator.intake` (consume, admit, pause, commit, drain, probes), `orchestrator.
 handling` (what a record becomes), `orchestrator.answering` (results, stored images, the answer
-cache, dead letters). This module builds them and runs their lifecycle.
+cache, dead letters), `orchestrator.handoff` (what a stage role reads and hands on). This module
+builds them and runs their lifecycle. With `role` encode, denoise or decode (issue 12) the same
+service runs one stage: it consumes that stage's topic as its own group and hands the job on.
 """
 
 from __future__ import annotations
@@ -35,9 +37,11 @@ from orchestrator.config import Settings
 from orchestrator.core.admission import AdmissionPolicy
 from orchestrator.core.batching import CohortPolicy, FlushPolicy
 from orchestrator.core.pipeline import ENCODE_PROMPT, UNET, VAE_DECODER, VAE_ENCODER
+from orchestrator.core.roles import Role
 from orchestrator.domain import ModelInfo, Priority
 from orchestrator.errors import OrchestratorError
 from orchestrator.handling import Handling
+from orchestrator.handoff import Handoffs
 from orchestrator.intake import Intake
 from orchestrator.prompt_cache import prompt_cache_runner
 
@@ -66,7 +70,8 @@ class Service:
         self.codec = make_codec(settings)
         self.kafka = kafka_settings(settings)
         self.stats = ServiceStats()
-        self.metrics = metrics or Metrics()
+        role = Role(settings.role)
+        self.metrics = metrics or Metrics(labels={} if role is Role.ALL else {"role": role.value})
         self.on_ready = on_ready
         self.tracer = get_tracer(tracer_provider) if settings.tracing else trace.NoOpTracer()
         self.triton = TritonPool(
@@ -115,7 +120,8 @@ class Service:
             preempt=settings.admission_preempt,
             max_preemptions=settings.admission_max_preemptions,
         )
-        group_id = self.kafka.group_id
+        self.handoffs = Handoffs(role, self.codec, settings)
+        group_id = self.handoffs.group_id
         self.answering = Answering(
             settings,
             self.codec,
@@ -125,6 +131,7 @@ class Service:
             stats=self.stats,
             progress=self.progress,
             group_id=group_id,
+            role=role,
         )
         self.handling = Handling(
             settings,
@@ -136,7 +143,7 @@ class Service:
             admission=self.admission,
             breaker=self.breaker,
             progress=self.progress,
-            group_id=group_id,
+            handoffs=self.handoffs,
         )
         self.cancels = self.handling.cancels
         self.control = ControlListener(
@@ -150,7 +157,7 @@ class Service:
         )
         self.intake = Intake(
             settings,
-            [settings.request_topic],
+            [self.handoffs.input_topic],
             self.handling.process,
             metrics=self.metrics,
             stats=self.stats,
@@ -239,8 +246,9 @@ class Service:
                 await self.progress_publisher.start()
             await self.control.start()
             log.info(
-                "consuming %s as group %s (metrics and probes on :%d)",
-                self.settings.request_topic,
+                "role %s consuming %s as group %s (metrics and probes on :%d)",
+                self.handoffs.role.value,
+                self.handoffs.input_topic,
                 self.consumer.group_id,
                 self.http.port,
             )
@@ -263,6 +271,7 @@ class Service:
     def _facts(self) -> tuple[bool, dict[str, object]]:
         triton_up = not self.breaker.is_open
         return triton_up, {
+            "role": self.handoffs.role.value,
             "triton": triton_up,
             "active_jobs": self.admission.active,
             "admission_waiting": {p.value: n for p, n in self.admission.waiting().items()},

@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+class _Labelled:
+    """Every sample of `registry` with `labels` added (a stage role's ``role``)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: Mapping[str, str]) -> None:
+        self.registry = registry
+        self.labels = dict(labels)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.registry.collect():
+            family.samples = [
+                sample._replace(labels={**self.labels, **sample.labels})
+                for sample in family.samples
+            ]
+            yield family
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, *, labels: Mapping[str, str] = {}
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        self._exposed = self.registry
+        if labels:
+            # the same metrics, each sample labelled (e.g. role="denoise") when rendered
+            self._exposed = CollectorRegistry(auto_describe=False)
+            self._exposed.register(_Labelled(self.registry, labels))
         r = self.registry
         self.requests = Counter(
             "orchestrator_requests", "Requests by outcome", ["outcome"], registry=r
@@ -150,4 +176,4 @@ class Metrics:
         )
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self._exposed)

@@ -315,18 +315,29 @@ class ProgressReporter:
         Never raises (as none of the reporter's methods): progress is advisory."""
         try:
             now = time.monotonic()
-            self._jobs[request.request_id] = _JobState(
-                headers=self.headers(correlation or request.request_id),
-                queued_at=now,
-                throttle=StepThrottle(
-                    self.step_events_per_s, self.preview_interval_s, previews=request.preview
-                ),
-            )
-            while len(self._jobs) > self.MAX_JOBS:
-                self._jobs.popitem(last=False)
+            self._follow(request, correlation, now)
             self._offer(request.request_id, JobEvent.QUEUED, now, queue_position=queue_position)
         except Exception:
             log.exception("queued event of %s failed", request.request_id)
+
+    def track(self, request: GenerationRequest, correlation: str | None) -> None:
+        """Follow a job queued elsewhere (a stage role resuming a hand-off): its later events
+        carry its correlation id and this role's trace, and no queued event goes out again."""
+        try:
+            self._follow(request, correlation, time.monotonic())
+        except Exception:
+            log.exception("tracking %s failed", request.request_id)
+
+    def _follow(self, request: GenerationRequest, correlation: str | None, now: float) -> None:
+        self._jobs[request.request_id] = _JobState(
+            headers=self.headers(correlation or request.request_id),
+            queued_at=now,
+            throttle=StepThrottle(
+                self.step_events_per_s, self.preview_interval_s, previews=request.preview
+            ),
+        )
+        while len(self._jobs) > self.MAX_JOBS:
+            self._jobs.popitem(last=False)
 
     def started(self, request: GenerationRequest, steps: int) -> None:
         """The job starts (after admission); its elapsed_ms is the time it waited since
