@@ -90,10 +90,12 @@ class DevStack:
         self.gateway_port = gateway_port
 
     def service_settings(self, settings: Settings) -> Settings:
-        """`settings` with this stack's service port (the broker and Triton come once started)."""
-        if self.service_http_port is None:
-            return settings
-        return settings.model_copy(update={"http_port": self.service_http_port})
+        """`settings` with this stack's service port (the broker and Triton come once started);
+        the embedded service is always role all, whatever ORCHESTRATOR_ROLE says."""
+        update: dict[str, object] = {"role": "all"}
+        if self.service_http_port is not None:
+            update["http_port"] = self.service_http_port
+        return settings.model_copy(update=update)
 
     def port_claims(self, settings: Settings) -> list[PortClaim]:
         grpc_port, http_port, metrics_port = self.ports

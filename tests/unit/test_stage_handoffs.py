@@ -4,6 +4,8 @@ role's setting, flag, topics, groups and metric label."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -123,3 +125,11 @@ def test_a_stage_role_labels_every_metric() -> None:
     assert 'orchestrator_jobs_in_flight{role="denoise"} 0.0' in text
     plain = Metrics().render().decode()
     assert "orchestrator_jobs_in_flight 0.0" in plain and "role=" not in plain
+
+
+def test_dev_runs_role_all_whatever_the_role_setting(tmp_path: Path) -> None:
+    from orchestrator.dev import DevStack
+
+    stack = DevStack(models_dir=tmp_path, work_dir=tmp_path)
+    encode = SETTINGS.model_copy(update={"role": "encode"})
+    assert stack.service_settings(encode).role == "all"
