@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +99,12 @@ def service_env(settings: Settings) -> dict[str, str]:
 
 
 class ServiceProcess:
-    """`python -m orchestrator serve` as a child process, its log in a file."""
+    """`python -m orchestrator serve [args]` as a child process, its log in a file."""
 
-    def __init__(self, settings: Settings, log_path: Path) -> None:
+    def __init__(self, settings: Settings, log_path: Path, args: Sequence[str] = ()) -> None:
         self.settings = settings
         self.log_path = log_path
+        self.args = list(args)
         self.process: subprocess.Popen[bytes] | None = None
         self.port: int | None = None
         self._log_offset = 0
@@ -120,7 +121,7 @@ class ServiceProcess:
             self._log_offset = log.tell()
             # dies with this process even if pytest itself is killed
             self.process = spawn(
-                [sys.executable, "-m", "orchestrator", "serve"],
+                [sys.executable, "-m", "orchestrator", "serve", *self.args],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

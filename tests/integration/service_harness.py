@@ -24,6 +24,8 @@ def make_settings(kafka: Any, triton: Any, **overrides: Any) -> Settings:
         "dlq_topic": f"dlq-{tag}",
         "progress_topic": f"progress-{tag}",
         "control_topic": f"control-{tag}",
+        "encoded_topic": f"encoded-{tag}",
+        "denoised_topic": f"denoised-{tag}",
         "group_id": f"group-{tag}",
         "session_timeout_ms": 2000,
         "heartbeat_interval_ms": 300,
@@ -59,6 +61,28 @@ async def running_service(
     finally:
         service.stop()
         await asyncio.wait_for(task, 60)
+
+
+STAGE_ROLES = ("encode", "denoise", "decode")
+
+
+@contextlib.asynccontextmanager
+async def running_roles(
+    settings: Settings,
+    partitions: int = 2,
+    roles: tuple[str, ...] = STAGE_ROLES,
+    **service_kwargs: Any,
+) -> AsyncIterator[dict[str, Service]]:
+    """One in-process Service per stage role (`--role encode`, ...) on the same topics."""
+    async with contextlib.AsyncExitStack() as stack:
+        services = {}
+        for role in roles:
+            services[role] = await stack.enter_async_context(
+                running_service(
+                    settings.model_copy(update={"role": role}), partitions, **service_kwargs
+                )
+            )
+        yield services
 
 
 @contextlib.asynccontextmanager
