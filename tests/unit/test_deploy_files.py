@@ -59,6 +59,14 @@ ACCESS_SECRET_KEYS = {
     "sasl.mechanism",
     "saslMechanism",
 }
+#: what the binding Secret's keys hold in a cluster, for settings built from a rendered pod
+SECRET_STANDINS = {
+    "bootstrapServers": "kafka-kafka-bootstrap.kafka.svc:9093",
+    "securityProtocol": "SASL_SSL",
+    "saslMechanism": "SCRAM-SHA-512",
+    "username": "diffusion-orchestrator",
+    "password": "x",
+}
 #: producers allow themselves this much framing over max_record_bytes (adapters/kafka.py)
 FRAMING_SLACK = 64 * 1024
 
@@ -256,17 +264,10 @@ def test_configmap_keys_are_settings_and_valid(
             monkeypatch.delenv(key)
     for key, value in data.items():
         monkeypatch.setenv(key, value)
-    standins = {
-        "bootstrapServers": "kafka-kafka-bootstrap.kafka.svc:9093",
-        "securityProtocol": "SASL_SSL",
-        "saslMechanism": "SCRAM-SHA-512",
-        "username": "diffusion-orchestrator",
-        "password": "x",
-    }
     for e in c.get("env", []):
         ref = e.get("valueFrom", {}).get("secretKeyRef")
         if ref and e["name"].startswith("ORCHESTRATOR_"):
-            monkeypatch.setenv(e["name"], standins.get(ref["key"], "x"))
+            monkeypatch.setenv(e["name"], SECRET_STANDINS.get(ref["key"], "x"))
     settings = Settings()
     assert settings.http_port == 9400
     assert settings.output_dir == Path("/var/lib/orchestrator/images")
@@ -461,6 +462,8 @@ def test_topics_partitions_and_record_sizes(rendered: dict[str, list[dict[str, A
         "diffusion.progress",  # the job lifecycle issue's topics
         "diffusion.control",
         gateway_env(docs)["ORCHESTRATOR_GATEWAY_REGISTRY_TOPIC"],  # the gateway's job registry
+        data["ORCHESTRATOR_ENCODED_TOPIC"],  # the per-stage hand-offs (issue 12)
+        data["ORCHESTRATOR_DENOISED_TOPIC"],
     }
     assert needed == set(topics)
     max_replicas = one(docs, "ScaledObject", "orchestrator")["spec"]["maxReplicaCount"]
@@ -509,7 +512,10 @@ def test_kafka_users_grant_what_the_service_and_keda_need(
     assert keda == {
         ("topic", data["ORCHESTRATOR_REQUEST_TOPIC"], "literal", "Describe"),
         ("group", group, "literal", "Describe"),
-    }
+    } | {  # the per-stage roles' topics and groups (test_per_stage_kafka_users_grant_one_hop_each)
+        ("topic", data[f"ORCHESTRATOR_{name}_TOPIC"], "literal", "Describe")
+        for name in ("ENCODED", "DENOISED")
+    } | {("group", f"{group}-{role}", "literal", "Describe") for role in ROLES}
 
 
 def test_orchestrator_maps_the_binding_secret_and_mounts_the_cluster_ca(
@@ -1487,3 +1493,303 @@ def test_compose_gateway_service(monkeypatch: pytest.MonkeyPatch) -> None:
     assert re.search(rf"{re.escape(gateway.registry_topic)} \]; then policy=compact", init), (
         "the registry topic is compacted"
     )
+
+
+# --- the per-stage roles (issue 12): k8s/components/per-stage, the per-stage overlay -----------
+
+ROLES = ("encode", "denoise", "decode")
+
+
+@pytest.fixture(scope="module")
+def per_stage(k8s_copy: Path) -> list[dict[str, Any]]:
+    proc = kustomize(k8s_copy / "overlays/per-stage")
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+def role_handoffs(docs: list[dict[str, Any]], role: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The service's own idea (orchestrator/handoff.py) of what `role` reads and in which group,
+    with the settings this deployment gives that role's pods."""
+    from orchestrator.config import Settings
+    from orchestrator.core.roles import Role
+    from orchestrator.handoff import Handoffs
+
+    for key in list(os.environ):
+        if key.startswith("ORCHESTRATOR_"):
+            monkeypatch.delenv(key)
+    for key, value in configmap_env(docs).items():
+        monkeypatch.setenv(key, value)
+    c = container(one(docs, "Deployment", f"orchestrator-{role}"), "orchestrator")
+    for e in c["env"]:
+        if e["name"].startswith("ORCHESTRATOR_"):
+            ref = e.get("valueFrom", {}).get("secretKeyRef", {})
+            monkeypatch.setenv(e["name"], e.get("value") or SECRET_STANDINS[ref["key"]])
+    settings = Settings()
+    assert settings.role == role
+    return Handoffs(Role(role), None, settings)  # type: ignore[arg-type]
+
+
+def test_per_stage_replaces_role_all_and_validates(per_stage: list[dict[str, Any]]) -> None:
+    import kubernetes_validate
+
+    docs = per_stage
+    names = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    for kind in ("Deployment", "PodDisruptionBudget", "ScaledObject"):
+        # role all would answer the same requests as role encode
+        assert (kind, "orchestrator") not in names, kind
+        assert {(kind, f"orchestrator-{role}") for role in ROLES} <= names, kind
+    for doc in docs:
+        if doc["apiVersion"] in CUSTOM_APIS:
+            keda = doc["apiVersion"].startswith("keda.sh/")
+            errors = keda_errors(doc) if keda else strimzi_errors(doc)
+            assert not errors, (doc["metadata"]["name"], errors)
+        else:
+            for version in KUBERNETES_VERSIONS:
+                kubernetes_validate.validate(doc, version, strict=True)
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace"), (doc["kind"], doc["metadata"]["name"])
+
+
+def test_every_role_scales_on_its_own_topic_and_group(
+    per_stage: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = per_stage
+    data = configmap_env(docs)
+    expected_topics = {
+        "encode": data["ORCHESTRATOR_REQUEST_TOPIC"],
+        "denoise": data["ORCHESTRATOR_ENCODED_TOPIC"],
+        "decode": data["ORCHESTRATOR_DENOISED_TOPIC"],
+    }
+    auth = one(docs, "TriggerAuthentication", "keda-kafka")
+    for role in ROLES:
+        dep = one(docs, "Deployment", f"orchestrator-{role}")
+        assert "replicas" not in dep["spec"], "KEDA owns the replica count"
+        c = container(dep, "orchestrator")
+        assert c["args"] == ["serve", "--role", role]
+        handoffs = role_handoffs(docs, role, monkeypatch)
+        assert handoffs.input_topic == expected_topics[role]
+        assert handoffs.group_id == f"{data['ORCHESTRATOR_GROUP_ID']}-{role}"
+        (so,) = [
+            s
+            for s in objects(docs, "ScaledObject")
+            if s["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
+        ]
+        (trigger,) = so["spec"]["triggers"]
+        meta = trigger["metadata"]
+        assert trigger["type"] == "kafka" and trigger["authenticationRef"]["name"] == "keda-kafka"
+        assert set(meta) <= KAFKA_TRIGGER_KEYS, sorted(set(meta) - KAFKA_TRIGGER_KEYS)
+        assert meta["topic"] == handoffs.input_topic
+        assert meta["consumerGroup"] == handoffs.group_id
+        assert meta["allowIdleConsumers"] == "false"
+        assert meta["sasl"] == "scram_sha512" and meta["tls"] == "enable"
+        assert int(meta["lagThreshold"]) >= 1
+        assert meta["bootstrapServersFromEnv"] in {e["name"] for e in c["env"]}
+        topic = one(docs, "KafkaTopic", handoffs.input_topic)["spec"]
+        assert 1 <= so["spec"]["minReplicaCount"] <= so["spec"]["maxReplicaCount"]
+        assert so["spec"]["maxReplicaCount"] <= topic["partitions"]
+        # the role's largest input record fits its topic
+        limit = handoffs.max_input_bytes + FRAMING_SLACK
+        assert int(topic["config"]["max.message.bytes"]) >= limit
+        # one PDB per role, selecting that role's pods only
+        (pdb,) = [
+            p
+            for p in objects(docs, "PodDisruptionBudget")
+            if p["spec"]["selector"]["matchLabels"].items()
+            <= dep["spec"]["template"]["metadata"]["labels"].items()
+        ]
+        assert pdb["metadata"]["name"] == f"orchestrator-{role}"
+        assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        assert pdb["spec"]["maxUnavailable"] == 1
+    assert {r["name"] for r in auth["spec"]["secretTargetRef"]} == {"keda-kafka"}
+    # the checks bite: a misspelt KEDA field is refused
+    broken = json.loads(json.dumps(one(docs, "ScaledObject", "orchestrator-decode")))
+    broken["spec"]["triggers"][0]["metadatas"] = {}
+    assert keda_errors(broken)
+
+
+def test_role_pods_are_wired_like_the_orchestrator(
+    rendered: dict[str, list[dict[str, Any]]], per_stage: list[dict[str, Any]]
+) -> None:
+    """The same image, settings, probes, security and tracing as the role-all pod of the
+    production overlay; Kafka through the role's own identity; Triton reachable; the images
+    volume where the role answers."""
+    production = rendered["production"]
+    orch = one(production, "Deployment", "orchestrator")
+    orch_pod, orch_c = pod_spec(orch), container(orch, "orchestrator")
+    out = configmap_env(per_stage)["ORCHESTRATOR_OUTPUT_DIR"]
+    cafile = Path(configmap_env(per_stage)["ORCHESTRATOR_SSL_CAFILE"])
+    orch_kafka = {
+        e["name"]: e["valueFrom"]["secretKeyRef"]["key"]
+        for e in orch_c["env"]
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+    (policy,) = objects(per_stage, "NetworkPolicy")
+    (grpc_rule,) = [r for r in policy["spec"]["ingress"] if r.get("from")]
+    (peer,) = grpc_rule["from"]
+    for role in ROLES:
+        dep = one(per_stage, "Deployment", f"orchestrator-{role}")
+        pod, c = pod_spec(dep), container(dep, "orchestrator")
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/component"] == role
+        assert peer["podSelector"]["matchLabels"].items() <= labels.items(), "Triton unreachable"
+        for key in (
+            "securityContext",
+            "terminationGracePeriodSeconds",
+            "automountServiceAccountToken",
+        ):
+            assert pod[key] == orch_pod[key], (role, key)
+        for key in (
+            "image",
+            "ports",
+            "envFrom",
+            "securityContext",
+            "startupProbe",
+            "livenessProbe",
+            "readinessProbe",
+        ):
+            assert c[key] == orch_c[key], (role, key)
+        assert (
+            dep["spec"]["template"]["metadata"]["annotations"]
+            == orch["spec"]["template"]["metadata"]["annotations"]
+        )
+        env = {e["name"]: e for e in c["env"]}
+        assert env["ORCHESTRATOR_ROLE"]["value"] == role
+        shared = {e["name"]: e for e in orch_c["env"] if not e["name"].startswith("ORCHESTRATOR_")}
+        shared.pop("OTEL_SERVICE_NAME")
+        assert {n: env[n] for n in shared} == shared, role
+        # Kafka: the same settings as role all, from the role's own binding Secret
+        access = one(per_stage, "KafkaAccess", f"orchestrator-{role}-kafka")["spec"]
+        assert access["user"]["name"] == f"diffusion-{role}"
+        kafka = {
+            n: e["valueFrom"]["secretKeyRef"]
+            for n, e in env.items()
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+        assert {n: ref["key"] for n, ref in kafka.items()} == orch_kafka
+        assert {ref["name"] for ref in kafka.values()} == {access["secretName"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+        ca = volumes[mounts[str(cafile.parent)]["name"]]["secret"]
+        assert ca["secretName"] == access["secretName"]
+        assert {"key": "ssl.truststore.crt", "path": cafile.name} in ca["items"]
+        assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+        # only decode answers, so only decode stores images on the shared claim
+        if role == "decode":
+            claim = volumes[mounts[out]["name"]]["persistentVolumeClaim"]["claimName"]
+            assert claim == "orchestrator-images"
+        else:
+            assert out not in mounts, role
+        # sized per role, within what the scheduler can give (requests <= limits)
+        res = c["resources"]
+        for kind in ("cpu", "memory"):
+            assert res["requests"][kind] and res["limits"][kind], (role, kind)
+    cpu = {
+        role: container(one(per_stage, "Deployment", f"orchestrator-{role}"), "orchestrator")[
+            "resources"
+        ]["requests"]["cpu"]
+        for role in ROLES
+    }
+    assert cpu["encode"].endswith("m") and not cpu["denoise"].endswith("m"), cpu
+
+
+def test_per_stage_kafka_users_grant_one_hop_each(
+    per_stage: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = per_stage
+    data = configmap_env(docs)
+    outputs = {
+        "encode": {data["ORCHESTRATOR_ENCODED_TOPIC"]},
+        "denoise": {data["ORCHESTRATOR_DENOISED_TOPIC"]},
+        "decode": set(),
+    }
+    for role in ROLES:
+        handoffs = role_handoffs(docs, role, monkeypatch)
+        grants = acl_grants(one(docs, "KafkaUser", f"diffusion-{role}"))
+        reads = {(g[0], g[1]) for g in grants if g[3] == "Read"}
+        writes = {g[1] for g in grants if g[0] == "topic" and g[3] == "Write"}
+        assert reads == {
+            ("topic", handoffs.input_topic),
+            ("group", handoffs.group_id),
+            ("topic", data["ORCHESTRATOR_CONTROL_TOPIC"]),
+        }, role
+        assert writes == outputs[role] | {
+            data["ORCHESTRATOR_DLQ_TOPIC"],
+            data["ORCHESTRATOR_PROGRESS_TOPIC"],
+        } | {data["ORCHESTRATOR_RESPONSE_TOPIC"]} | set(
+            data["ORCHESTRATOR_REPLY_TOPIC_PREFIXES"].split(",")
+        ), role  # a cancel is answered by whichever role holds the job
+        assert handoffs.answers == (role == "decode")
+        assert not {g for g in grants if g[0] == "cluster" or g[3] == "All"}
+        # Describe wherever it reads or writes, nothing else
+        assert {(g[0], g[1]) for g in grants if g[3] == "Describe"} == reads | {
+            ("topic", t) for t in writes
+        }
+    # a hand-off outlives a stopped role as long as a request would (it is the request's only
+    # copy once encode has committed)
+    requests = one(docs, "KafkaTopic", data["ORCHESTRATOR_REQUEST_TOPIC"])["spec"]["config"]
+    for name in ("ENCODED", "DENOISED"):
+        config = one(docs, "KafkaTopic", data[f"ORCHESTRATOR_{name}_TOPIC"])["spec"]["config"]
+        assert int(config["retention.ms"]) >= int(requests["retention.ms"]), name
+
+
+def test_schema_registry_component_reaches_every_role(
+    k8s_copy: Path, rendered: dict[str, list[dict[str, Any]]]
+) -> None:
+    overlay = k8s_copy / "overlays/per-stage+schema-registry"
+    overlay.mkdir(exist_ok=True)
+    (overlay / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        "resources: [../production]\n"
+        "components: [../../components/per-stage, ../../components/schema-registry]\n"
+    )
+    proc = kustomize(overlay)
+    assert proc.returncode == 0, proc.stderr
+    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    orch = container(
+        one(rendered["production+schema-registry"], "Deployment", "orchestrator"), "orchestrator"
+    )
+    registry = [e for e in orch["env"] if "SCHEMA_REGISTRY" in e["name"]]
+    assert len(registry) == 2
+    for role in ROLES:
+        c = container(one(docs, "Deployment", f"orchestrator-{role}"), "orchestrator")
+        assert [e for e in c["env"] if "SCHEMA_REGISTRY" in e["name"]] == registry, role
+    assert configmap_env(docs) == configmap_env(rendered["production+schema-registry"])
+
+
+def test_compose_per_stage_profile(monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.config import Settings
+
+    services = compose()["services"]
+    orch = services["orchestrator"]
+    assert "profiles" not in orch
+    for port, role in enumerate(ROLES, start=9401):
+        svc = services[f"orchestrator-{role}"]
+        assert svc["profiles"] == ["per-stage"]
+        assert svc["command"] == ["serve", "--role", role]
+        assert svc["image"] == orch["image"] and "build" not in svc
+        env = dict(svc["environment"])
+        assert env.pop("ORCHESTRATOR_ROLE") == role
+        assert env.pop("OTEL_SERVICE_NAME") == f"diffusion-orchestrator-{role}"
+        expected = {k: v for k, v in orch["environment"].items() if k != "OTEL_SERVICE_NAME"}
+        assert env == expected, role
+        assert svc["depends_on"] == orch["depends_on"]
+        assert svc["ports"] == [f"{port}:9400"]
+        for key in list(os.environ):
+            if key.startswith("ORCHESTRATOR_"):
+                monkeypatch.delenv(key)
+        for key, value in svc["environment"].items():
+            if key.startswith("ORCHESTRATOR_"):
+                monkeypatch.setenv(key, str(value))
+        settings = Settings()
+        assert settings.role == role
+        # kafka-init creates every topic the role reads or writes
+        init = " ".join(services["kafka-init"]["command"])
+        for topic in settings.service_topics():
+            assert f" {topic}:" in init or f"\n{topic}:" in init or f"for spec in {topic}:" in init
+        stores_images = any(v.endswith(f":{settings.output_dir}") for v in svc.get("volumes", []))
+        assert stores_images == (role == "decode"), role
+    prom = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    targets = {
+        t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]
+    }
+    assert {f"orchestrator-{role}:9400" for role in ROLES} <= targets
