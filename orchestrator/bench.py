@@ -68,7 +68,12 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=32, help="requests per run (default 32)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps (mixed: mean)")
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated: naive, step, bls")
-    p.add_argument("--workloads", default=",".join(WORKLOADS), help="uniform, mixed")
+    p.add_argument(
+        "--workloads", "--workload", default=",".join(WORKLOADS), help="uniform, mixed"
+    )
+    from orchestrator.bench_architectures import add_architecture_arguments
+
+    add_architecture_arguments(p)
     p.add_argument(
         "--no-kafka",
         action="store_true",
@@ -215,6 +220,14 @@ def stats_delta(before: Stats, after: Stats) -> Stats:
     }
 
 
+def percentiles(values_ms: Sequence[float] | npt.NDArray[Any]) -> tuple[float, float, float]:
+    """p50, p95, p99 of latencies (NaN for none): every bench's one definition."""
+    if len(values_ms) == 0:
+        return float("nan"), float("nan"), float("nan")
+    p50, p95, p99 = np.percentile(np.asarray(values_ms, dtype=np.float64), [50, 95, 99])
+    return float(p50), float(p95), float(p99)
+
+
 def summarize(
     *,
     preset: str,
@@ -248,6 +261,7 @@ def summarize(
     if ENCODE_PROMPT not in delta:
         triton_requests += delta.get("text_encoder", {}).get("requests", 0)
     e2e_ns = float(lat_ms.sum()) * 1e6
+    p50, p95, p99 = percentiles(lat_ms)
     per_call = 1e-6 / total_calls if total_calls else 0.0
     ok = len(latencies)
     return RunResult(
@@ -260,9 +274,9 @@ def summarize(
         failed=failed,
         wall_s=wall_s,
         throughput=ok / wall_s if wall_s > 0 else 0.0,
-        p50_ms=float(np.percentile(lat_ms, 50)) if ok else float("nan"),
-        p95_ms=float(np.percentile(lat_ms, 95)) if ok else float("nan"),
-        p99_ms=float(np.percentile(lat_ms, 99)) if ok else float("nan"),
+        p50_ms=p50,
+        p95_ms=p95,
+        p99_ms=p99,
         unet_batch=unet.get("inference_count", 0) / executions if executions else 0.0,
         unet_executions=executions,
         job_calls=total_calls,
@@ -386,6 +400,19 @@ async def direct_sender(
             yield send_step
 
 
+def answer_sender(client: Any, timeout: float) -> Send:
+    """Produce a request with `client` (an orchestrator Client) and wait for its answer, matched
+    by correlation id; returns the Answer, raises when it is not a success."""
+
+    async def send(r: GenerationRequest) -> Any:
+        answer = await client.generate(r, timeout=timeout)
+        if not answer.ok:
+            raise RuntimeError(answer.reason)
+        return answer
+
+    return send
+
+
 @contextlib.asynccontextmanager
 async def kafka_sender(
     mode: str,
@@ -441,12 +468,7 @@ async def kafka_sender(
             raise RuntimeError("the service did not become ready in 120 s")
         await client.start()
 
-        async def send(r: GenerationRequest) -> None:
-            answer = await client.generate(r, timeout=timeout)
-            if not answer.ok:
-                raise RuntimeError(answer.reason)
-
-        yield send
+        yield answer_sender(client, timeout)
     finally:
         with contextlib.suppress(Exception):
             await client.stop()
@@ -741,6 +763,10 @@ async def _bench(args: argparse.Namespace) -> list[RunResult]:
 
 
 def run_bench(args: argparse.Namespace) -> int:
+    if args.architectures:
+        from orchestrator.bench_architectures import run_architectures
+
+        return run_architectures(args)
     for noisy in ("orchestrator", "aiokafka", "kafka"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
