@@ -33,6 +33,7 @@ from tests.integration.service_harness import (
     running_service,
 )
 from tests.integration.test_cancel import until
+from tests.integration.test_progress import read_events
 from tests.integration.test_record_ends import _get, produce_raw, read_topic
 
 pytestmark = pytest.mark.integration
@@ -118,6 +119,7 @@ async def test_encode_denoise_decode_give_the_images_of_role_all_bit_for_bit(
             for topic in (split.encoded_topic, split.denoised_topic)
         }
         groups = {role: s.consumer.group_id for role, s in services.items()}
+        events = await read_events(split, {r.request_id for r in REQUESTS})
 
     for request in REQUESTS:
         rid = request.request_id
@@ -137,6 +139,14 @@ async def test_encode_denoise_decode_give_the_images_of_role_all_bit_for_bit(
         assert {"encode_prompt", "unet", "vae_decoder", "total"} <= set(have.result.timings_ms)
 
     assert groups == {r: f"{split.group_id}-{r}" for r in ("encode", "denoise", "decode")}
+    # progress across the roles: encode queued, denoise started and steps, decode finished,
+    # each once, in order, all under the request's correlation id
+    for request in REQUESTS:
+        kinds = [e.event for e, _, _ in events[request.request_id]]
+        assert kinds[:2] == ["queued", "started"] and kinds[-1] == "finished", kinds
+        assert set(kinds[2:-1]) <= {"step"} and kinds.count("finished") == 1, kinds
+        for _, headers, _ in events[request.request_id]:
+            assert headers[CORRELATION_ID_HEADER] == request.request_id.encode()
     for role, (status, body) in ready.items():
         assert status == 200 and json.loads(body)["role"] == role, (role, body)
     assert 'orchestrator_requests_total{outcome="handed_on",role="denoise"}' in metrics
