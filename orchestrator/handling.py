@@ -21,7 +21,7 @@ from typing import Any
 from aiokafka.structs import ConsumerRecord
 from opentelemetry import trace
 
-from orchestrator.adapters.avro import AvroCodec, ControlCommandRecord
+from orchestrator.adapters.avro import AvroCodec
 from orchestrator.adapters.kafka import (
     CORRELATION_ID_HEADER,
     REPLY_TOPIC_HEADER,
@@ -42,8 +42,8 @@ from orchestrator.answering import (
 )
 from orchestrator.batcher import StepBatcher
 from orchestrator.breaker import CircuitBreaker
+from orchestrator.cancelling import Cancelling
 from orchestrator.config import Settings
-from orchestrator.core.cancellation import CancelRegistry, Tracked, Where
 from orchestrator.core.envelope import check_envelope
 from orchestrator.core.pipeline import (
     ENCODE_PROMPT,
@@ -106,9 +106,8 @@ class Handling:
         self.envelope_limits = settings.envelope_limits()
         self.reply_topics = settings.reply_topic_rule()
         # cancels: every instance reads every control record (adapters/control.py)
-        self.cancels: CancelRegistry[asyncio.Task[GeneratedImages | HandedOn]] = CancelRegistry(
-            settings.cancel_remember_s, settings.cancel_remember_max
-        )
+        self.cancelling = Cancelling(settings, metrics=metrics, stats=stats)
+        self.cancels = self.cancelling.registry
         self.info: ModelInfo | None = None
         self.runner: StageRunner | None = None
         self.batcher: StepBatcher | None = None
@@ -256,7 +255,9 @@ class Handling:
         with self.answering.answering(request.request_id) as fut:
             if request.deadline is not None and time.time() >= request.deadline:
                 raise DeadlineExceeded("the request's deadline passed before it was started")
-            generated = await self._cancellable_job(incoming, reply_topic, attempt, span)
+            generated = await self.cancelling.run(
+                request.request_id, self._admitted_job(incoming, reply_topic, attempt, span), span
+            )
             if generated is None:  # cancelled by a command: answered, not dead-lettered
                 answer = await self.answering.publish_cancelled(request, reply_topic, out_headers)
                 attempt.acknowledged = attempt.cancelled = True
@@ -376,70 +377,3 @@ class Handling:
         suspend = self.batcher.suspended if self.batcher is not None else None
         steps_left = job.total_unet_calls - job.unet_calls
         await self.admission.checkpoint(job.request.request_id, steps_left, suspend)
-
-    # -- cancellation ------------------------------------------------------------------------
-
-    async def _cancellable_job(
-        self, incoming: Incoming, reply_topic: str, attempt: Attempt, span: Any
-    ) -> GeneratedImages | HandedOn | None:
-        """Run `_admitted_job` as an inner task registered under the request id; None when a
-        cancel command stopped it (or came before the request). Any other cancellation (shutdown,
-        rebalance) propagates as before."""
-        request = incoming.request
-        inner = asyncio.create_task(self._admitted_job(incoming, reply_topic, attempt, span))
-        entry = self.cancels.register(request.request_id, inner, time.time())
-        if entry.cancelled:  # its cancel came first: never started
-            inner.cancel()
-            self.metrics.cancels.labels(Where.BEFORE_REQUEST).inc()
-        inner.add_done_callback(lambda _: self._cancel_freed(entry))
-        try:
-            return await inner
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if not entry.cancelled or (current is not None and current.cancelling()):
-                raise
-        finally:
-            self.cancels.finish(request.request_id, time.time())
-        self._record_cancel(request, entry, span)
-        return None
-
-    def on_cancel(self, command: ControlCommandRecord) -> None:
-        """A cancel command from the control topic (never blocks)."""
-        decision = self.cancels.cancel(
-            command.request_id, time.time(), issued_at=command.issued_ms / 1000.0
-        )
-        where = decision.where
-        if decision.handle is not None and not decision.handle.cancel():
-            where = Where.UNKNOWN_OR_FINISHED  # it had just finished: its answer stands
-        self.metrics.cancels.labels(where).inc()
-        log.info(
-            "cancel of %s: %s",
-            command.request_id[:256],
-            where,
-            extra={"request_id": command.request_id[:256]},
-        )
-
-    def _cancel_freed(self, entry: Tracked[asyncio.Task[GeneratedImages | HandedOn]]) -> None:
-        if entry.cancelled:
-            freed = self.stats.cancel_freed_at
-            freed[entry.request_id] = time.time()
-            while len(freed) > 10_000:
-                del freed[next(iter(freed))]
-
-    def _record_cancel(
-        self,
-        request: GenerationRequest,
-        entry: Tracked[asyncio.Task[GeneratedImages | HandedOn]],
-        span: Any,
-    ) -> None:
-        freed = self.stats.cancel_freed_at.get(request.request_id, time.time())
-        where = Where.RUNNING if entry.running else Where.WAITING
-        if entry.cancelled_at is not None and entry.cancelled_at <= entry.registered_at:
-            where = Where.BEFORE_REQUEST  # remembered before the request was registered
-        attributes: dict[str, Any] = {"cancel.where": str(where)}
-        if entry.issued_at is not None:
-            attributes["cancel.issued_ms"] = int(entry.issued_at * 1000)
-            attributes["cancel.latency_ms"] = round((freed - entry.issued_at) * 1000.0, 3)
-        span.add_event("cancelled", attributes)
-        span.set_attribute("request.cancelled", True)
-        log.info("cancelled %s", request.request_id[:256])

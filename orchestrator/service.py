@@ -7,9 +7,10 @@ record whose answer the broker did not acknowledge stays uncommitted and is deli
 
 The rooms: `orchestrator.intake` (consume, admit, pause, commit, drain, probes), `orchestrator.
 handling` (what a record becomes), `orchestrator.answering` (results, stored images, the answer
-cache, dead letters), `orchestrator.handoff` (what a stage role reads and hands on). This module
-builds them and runs their lifecycle. With `role` encode, denoise or decode (issue 12) the same
-service runs one stage: it consumes that stage's topic as its own group and hands the job on.
+cache, dead letters), `orchestrator.cancelling` (cancel commands and cancellable jobs),
+`orchestrator.handoff` (what a stage role reads and hands on). This module builds them and runs
+their lifecycle. With `role` encode, denoise or decode (issue 12) the same service runs one
+stage: it consumes that stage's topic as its own group and hands the job on.
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ class Service:
             settings.kafka("-control"),
             settings.control_topic,
             self.codec,
-            self.handling.on_cancel,
+            self.handling.cancelling.on_cancel,
             self.metrics,
             lookback_s=settings.cancel_remember_s,
             fetch_max_wait_ms=settings.fetch_max_wait_ms,
