@@ -181,18 +181,27 @@ def load_components(folder: Path) -> Components:
     return Components(unet, vae, text_encoder, tokenizer, scheduler_config, facts)
 
 
-def _wrappers(components: Components) -> dict[str, torch.nn.Module]:
-    import torch
+#: the diffusers component (subfolder) each stage runs
+STAGE_COMPONENT: Mapping[str, str] = {
+    "text_encoder": "text_encoder",
+    "vae_encoder": "vae",
+    "unet": "unet",
+    "vae_decoder": "vae",
+}
 
-    unet, vae, text_encoder = components.unet, components.vae, components.text_encoder
+
+def stage_module(stage: str, component: Any) -> torch.nn.Module:
+    """The module that runs `stage` on its diffusers component with the Triton tensor names'
+    signature (STAGE_SPECS): what is exported to ONNX and what a torch stage model runs."""
+    import torch
 
     class TextEncoder(torch.nn.Module):
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            return text_encoder(input_ids=input_ids).last_hidden_state  # type: ignore[no-any-return]
+            return component(input_ids=input_ids).last_hidden_state  # type: ignore[no-any-return]
 
     class VaeEncoder(torch.nn.Module):
         def forward(self, image: torch.Tensor) -> torch.Tensor:
-            return vae.encode(image).latent_dist.mean  # type: ignore[no-any-return]
+            return component.encode(image).latent_dist.mean  # type: ignore[no-any-return]
 
     class Unet(torch.nn.Module):
         def forward(
@@ -200,18 +209,50 @@ def _wrappers(components: Components) -> dict[str, torch.nn.Module]:
         ) -> torch.Tensor:
             # one float timestep per sample ([batch, 1]); fractional values pass unchanged
             t = timestep.reshape(-1).to(torch.float32)
-            out = unet(sample, t, encoder_hidden_states=encoder_hidden_states, return_dict=False)
+            out = component(
+                sample, t, encoder_hidden_states=encoder_hidden_states, return_dict=False
+            )
             return out[0]  # type: ignore[no-any-return]
 
     class VaeDecoder(torch.nn.Module):
         def forward(self, latent: torch.Tensor) -> torch.Tensor:
-            return vae.decode(latent, return_dict=False)[0]  # type: ignore[no-any-return]
+            return component.decode(latent, return_dict=False)[0]  # type: ignore[no-any-return]
 
+    modules: dict[str, type[torch.nn.Module]] = {
+        "text_encoder": TextEncoder,
+        "vae_encoder": VaeEncoder,
+        "unet": Unet,
+        "vae_decoder": VaeDecoder,
+    }
+    if stage not in modules:
+        raise ValueError(f"unknown stage {stage!r}")
+    return modules[stage]().eval()
+
+
+def load_stage(folder: Path, stage: str, dtype: torch.dtype) -> torch.nn.Module:
+    """One stage's module with only its own component loaded from a diffusers folder (what a
+    torch stage model serves), in `dtype`."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    sub = Path(folder) / STAGE_COMPONENT[stage]
+    component: Any
+    if stage == "unet":
+        component = UNet2DConditionModel.from_pretrained(sub, torch_dtype=dtype)
+    elif stage == "text_encoder":
+        component = CLIPTextModel.from_pretrained(
+            sub, torch_dtype=dtype, attn_implementation="eager"
+        )
+    else:
+        component = AutoencoderKL.from_pretrained(sub, torch_dtype=dtype)
+    component.eval()
+    component.requires_grad_(False)
+    return stage_module(stage, component)
+
+
+def _wrappers(components: Components) -> dict[str, torch.nn.Module]:
     return {
-        "text_encoder": TextEncoder().eval(),
-        "vae_encoder": VaeEncoder().eval(),
-        "unet": Unet().eval(),
-        "vae_decoder": VaeDecoder().eval(),
+        stage: stage_module(stage, getattr(components, STAGE_COMPONENT[stage])) for stage in STAGES
     }
 
 

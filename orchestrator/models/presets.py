@@ -154,7 +154,7 @@ def save_tokenizer(folder: Path) -> None:
 def save_preset(preset: Preset, folder: Path) -> Path:
     """Build the preset's random-weight components and save them in the diffusers layout."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if folder.exists():
@@ -167,13 +167,30 @@ def save_preset(preset: Preset, folder: Path) -> Path:
     vae = AutoencoderKL(**preset.vae)
     torch.manual_seed(preset.seed + 2)
     text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
-    scheduler = PNDMScheduler.from_config(preset.scheduler)
+    return save_components(folder, unet, vae, text_encoder, preset.scheduler)
 
+
+def save_components(
+    folder: Path,
+    unet: Any,
+    vae: Any,
+    text_encoder: Any,
+    scheduler_config: dict[str, Any],
+    tokenizer_dir: Path | None = None,
+) -> Path:
+    """Save components in the diffusers layout; the tokenizer is copied from `tokenizer_dir`,
+    else written from open_clip's vocabulary (save_tokenizer)."""
+    from diffusers import PNDMScheduler
+
+    folder.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     text_encoder.save_pretrained(folder / "text_encoder")
-    scheduler.save_pretrained(folder / "scheduler")
-    save_tokenizer(folder / "tokenizer")
+    PNDMScheduler.from_config(scheduler_config).save_pretrained(folder / "scheduler")
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, folder / "tokenizer", dirs_exist_ok=True)
+    else:
+        save_tokenizer(folder / "tokenizer")
     _write_model_index(folder)
     return folder
 

@@ -3,7 +3,10 @@
 Both variants come from the same `ModelSpec` list: the CPU variant runs every stage as a
 Python-backend model around ONNX Runtime (the `triton_models/onnx_stage/model.py` template); the
 GPU variant uses TensorRT plans (`convert.sh` builds them from the ONNX files with trtexec). The
-tokenizer is a Python-backend model in both.
+tokenizer is a Python-backend model in both. With `torch_folder` (a diffusers folder) either
+variant runs its stages as Python-backend models around torch instead (the same template,
+`runtime: torch`): fp16 on the instance's GPU for "gpu", fp32 on the CPU for "cpu"; this serves
+`bench/gpu_triton.py` where the tritonserver at hand has no TensorRT backend.
 """
 
 from __future__ import annotations
@@ -237,17 +240,19 @@ def render_config(
     *,
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     ort_threads: Mapping[str, int] = DEFAULT_ORT_THREADS,
+    torch_stages: bool = False,
 ) -> str:
-    """The config.pbtxt text of one model for `target` ("cpu" or "gpu")."""
+    """The config.pbtxt text of one model for `target` ("cpu" or "gpu"); `torch_stages`: the
+    stages are Python-backend torch models (their parameters come with `spec`)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
     params = dict(spec.parameters)
     lines = [f"name: {_quote(spec.name)}"]
     if spec.name == ENSEMBLE:
         lines.append('platform: "ensemble"')
-    elif spec.name == "tokenizer" or target == "cpu":
+    elif spec.name == "tokenizer" or target == "cpu" or torch_stages:
         lines.append('backend: "python"')
-        if spec.name in ort_threads:
+        if spec.name in ort_threads and not torch_stages:
             params["ort_intra_op_threads"] = str(ort_threads[spec.name])
             params["ort_arena_keep_mb"] = str(DEFAULT_ARENA_KEEP_MB)
     else:
@@ -292,7 +297,13 @@ def bls_spec(facts: ModelFacts, source: str, limits: ServingLimits) -> ModelSpec
 
 
 def render_bls_config(
-    facts: ModelFacts, max_batch_size: int, *, source: str, instances: int, limits: ServingLimits
+    facts: ModelFacts,
+    max_batch_size: int,
+    *,
+    source: str,
+    instances: int,
+    limits: ServingLimits,
+    half: bool = False,
 ) -> str:
     """config.pbtxt of the BLS baseline: a CPU Python model for both targets (it orchestrates;
     the stage models it calls run wherever their own configs say). No dynamic batching: each
@@ -300,12 +311,25 @@ def render_bls_config(
     if instances < 1:
         raise ValueError("the BLS model needs at least one instance")
     spec = bls_spec(facts, source, limits)
+    if half:  # the stage models take and give fp16 floats (timestep stays fp32)
+        spec = dataclasses.replace(spec, parameters={**spec.parameters, "stage_floats": "fp16"})
     lines = [f"name: {_quote(spec.name)}", 'backend: "python"', f"max_batch_size: {max_batch_size}"]
     lines += _tensors("input", spec.inputs)
     lines += _tensors("output", spec.outputs)
     lines.append(f"instance_group [ {{ count: {instances} kind: KIND_CPU }} ]")
     lines += _parameters(spec.parameters)
     return "\n".join(lines) + "\n"
+
+
+def torch_parameters(folder: Path, target: str) -> dict[str, str]:
+    """Parameters of a torch stage model (triton_models/onnx_stage/model.py, runtime torch)."""
+    return {
+        "runtime": "torch",
+        "model_folder": str(Path(folder).resolve()),
+        "torch_device": "cuda" if target == "gpu" else "cpu",
+        "torch_dtype": "float16" if target == "gpu" else "float32",
+        "orchestrator_src": str(Path(orchestrator.__file__).resolve().parent.parent),
+    }
 
 
 #: the UNet with each job's conditioning kept inside Triton (triton_models/unet_cached/model.py)
@@ -524,10 +548,12 @@ def write_repository(
     queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
     bls_instances: int = DEFAULT_BLS_INSTANCES,
     limits: ServingLimits | None = None,
+    torch_folder: Path | None = None,
 ) -> list[Path]:
     """Write the whole repository (replacing any old one); returns the files written.
 
-    `limits` (default: `serving_limits(facts, target)`) become the unet's declared sizes."""
+    `limits` (default: `serving_limits(facts, target)`) become the unet's declared sizes.
+    `torch_folder`: a diffusers folder the stages run with torch (no ONNX files needed)."""
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, not {target!r}")
     limits = limits or serving_limits(facts, target)
@@ -538,16 +564,28 @@ def write_repository(
         shutil.rmtree(repo)
     written: list[Path] = []
     half = target == "gpu"
+    python_stages = target == "cpu" or torch_folder is not None
     for spec in model_specs(facts, source, limits, half=half):
+        if torch_folder is not None and spec.name in ONNX_STAGES:
+            spec = dataclasses.replace(
+                spec, parameters={**spec.parameters, **torch_parameters(torch_folder, target)}
+            )
         model_dir = repo / spec.name
         version = model_dir / "1"
         version.mkdir(parents=True)
         config = model_dir / "config.pbtxt"
         rows = max_batch_size
-        if target == "gpu" and spec.name in ONNX_STAGES:  # the engine's own bound
+        if target == "gpu" and spec.name in ONNX_STAGES:
+            # the engine's own bound (torch stages keep it: the same activations must fit)
             rows = gpu_stage_profile(facts, spec.name, max_batch_size, limits).max_batch
         config.write_text(
-            render_config(spec, target, rows, queue_delay_us=queue_delay_us),
+            render_config(
+                spec,
+                target,
+                rows,
+                queue_delay_us=queue_delay_us,
+                torch_stages=torch_folder is not None,
+            ),
             encoding="utf-8",
         )
         written.append(config)
@@ -555,6 +593,9 @@ def write_repository(
             shutil.copyfile(templates / "tokenizer" / "model.py", version / "model.py")
             shutil.copytree(tokenizer_dir, version / "tokenizer")
             written += [version / "model.py", version / "tokenizer"]
+        elif torch_folder is not None and spec.name in ONNX_STAGES:
+            shutil.copyfile(templates / "onnx_stage" / "model.py", version / "model.py")
+            written.append(version / "model.py")
         elif spec.name in onnx_paths:
             src = onnx_paths[spec.name]
             for file in onnx_files(src):
@@ -571,21 +612,26 @@ def write_repository(
     (cached / "config.pbtxt").write_text(render_cond_cache_config(unet_spec), encoding="utf-8")
     shutil.copyfile(templates / COND_CACHE_MODEL / "model.py", cached / "1" / "model.py")
     written += [cached / "config.pbtxt", cached / "1" / "model.py"]
-    if target == "cpu":
+    if python_stages:
         # the benchmark's baseline only: it imports the build machine's `orchestrator` (its
         # source path is a parameter), torch and diffusers, none of which a GPU server has
         config = repo / BLS_MODEL / "config.pbtxt"
         (repo / BLS_MODEL / "1").mkdir(parents=True)
         config.write_text(
             render_bls_config(
-                facts, max_batch_size, source=source, instances=bls_instances, limits=limits
+                facts,
+                max_batch_size,
+                source=source,
+                instances=bls_instances,
+                limits=limits,
+                half=half,
             ),
             encoding="utf-8",
         )
         model = repo / BLS_MODEL / "1" / "model.py"
         shutil.copyfile(templates / BLS_MODEL / "model.py", model)
         written += [config, model]
-    if target == "gpu":
+    if target == "gpu" and torch_folder is None:
         script = repo / "convert.sh"
         script.write_text(render_convert_script(facts, max_batch_size, limits), encoding="utf-8")
         script.chmod(0o755)

@@ -390,3 +390,71 @@ def test_gpu_variant_declares_fp16_io_where_the_engine_is_fp16(
         assert "--fp16 \\" in block
         assert f"--inputIOFormats={formats_in} \\" in block, stage
         assert f"--outputIOFormats={formats_out} \\" in block, stage
+
+
+def test_torch_stage_variant(built: dict[str, Path], tmp_path: Path) -> None:
+    """bench/gpu_triton.py's repository: the generator's configs for each target, with every
+    stage a Python-backend model running torch (fp16 on KIND_GPU for "gpu", fp32 on the CPU),
+    the stage template in place and no ONNX file or TensorRT script."""
+    out = built["tiny"]
+    facts = export.load_components(out / "diffusers").facts
+    fp16, fp32 = model_config_pb2.TYPE_FP16, model_config_pb2.TYPE_FP32
+    kinds = model_config_pb2.ModelInstanceGroup
+    for target, kind, dtype, wire in (
+        ("gpu", kinds.KIND_GPU, "float16", fp16),
+        ("cpu", kinds.KIND_CPU, "float32", fp32),
+    ):
+        repo = tmp_path / target
+        repository.write_repository(
+            repo,
+            facts,
+            {},
+            out / "diffusers" / "tokenizer",
+            target=target,
+            max_batch_size=64,
+            source="tiny",
+            torch_folder=out / "diffusers",
+        )
+        for stage in export.STAGES:
+            config = parse_config(repo / stage / "config.pbtxt")
+            assert config.backend == "python", (target, stage)
+            assert config.instance_group[0].kind == kind, (target, stage)
+            assert config.dynamic_batching.max_queue_delay_microseconds == 1000
+            p = params(config)
+            assert p["runtime"] == "torch" and p["torch_dtype"] == dtype
+            assert p["torch_device"] == ("cuda" if target == "gpu" else "cpu")
+            assert Path(p["model_folder"]) == (out / "diffusers").resolve()
+            assert "ort_intra_op_threads" not in p
+            assert (repo / stage / "1" / "model.py").read_text() == (
+                TEMPLATES / "onnx_stage" / "model.py"
+            ).read_text()
+            assert not list((repo / stage / "1").glob("*.onnx"))
+            for tensor in [*config.input, *config.output]:
+                if tensor.data_type != model_config_pb2.TYPE_INT64 and tensor.name != "timestep":
+                    assert tensor.data_type == wire, (target, stage, tensor.name)
+        assert not (repo / "convert.sh").exists()
+        bls = params(parse_config(repo / repository.BLS_MODEL / "config.pbtxt"))
+        assert bls.get("stage_floats") == ("fp16" if target == "gpu" else None)
+
+
+def test_torch_stage_session_runs_the_exported_wrapper(
+    built: dict[str, Path], components: dict[str, export.Components]
+) -> None:
+    """The stage template's torch runtime loads only its stage's component and answers what
+    the ONNX export's wrapper computes, in the config's output dtype."""
+    template = load_template("onnx_stage")
+    folder = built["tiny"] / "diffusers"
+    facts = components["tiny"].facts
+    for stage in export.STAGES:
+        spec = export.STAGE_SPECS[stage]
+        config = {"name": stage, "output": [{"name": spec.outputs[0], "data_type": "TYPE_FP32"}]}
+        session = template.TorchSession(
+            {"runtime": "torch", "model_folder": str(folder), "torch_dtype": "float32"},
+            config,
+            {"model_instance_kind": "CPU"},
+        )
+        inputs = export.sample_inputs(facts, stage, 2, latent_hw=(8, 8), seed=3)
+        [got] = session.run(list(spec.outputs), dict(inputs))
+        want = export.run_torch(components["tiny"], stage, inputs)[spec.outputs[0]]
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,6 @@
-"""Triton Python-backend model that runs one stage's `model.onnx` with ONNX Runtime.
+"""Triton Python-backend model that runs one stage's `model.onnx` with ONNX Runtime, or the
+stage's diffusers component with torch (the `runtime` parameter: "onnxruntime", the default, or
+"torch").
 
 Copied unchanged into `<model>/1/model.py` for every stage (text_encoder, vae_encoder, unet,
 vae_decoder) by `orchestrator models build`. Input and output names come from the model's
@@ -11,6 +13,12 @@ their own groups. A failure answers every affected request with a TritonError; i
 
 Threads: the `ort_intra_op_threads` parameter (default 1); the environment variable
 `ORCH_ORT_INTRA_OP_THREADS`, when set, overrides it for every model of the server.
+
+Torch: the `model_folder` parameter names a diffusers folder; only this stage's component is
+loaded (`orchestrator.models.export.load_stage`, imported from the `orchestrator_src` parameter
+when the stub's sys.path lacks it) in `torch_dtype` (float16 or float32) on `torch_device`
+("cpu" or "cuda"; a KIND_GPU instance runs on its own GPU). Inputs are cast to that dtype
+(`timestep` stays float32), outputs come back in the config's declared dtype.
 
 Memory: ONNX Runtime's CPU arena keeps every buffer it ever grew to, so one large shape would
 hold its peak for the life of the process. After a call that leaves this process more than the
@@ -76,6 +84,51 @@ def resident_kib() -> int:
     return pages * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+#: config data types of outputs -> numpy
+_NUMPY_TYPES = {"TYPE_FP16": np.float16, "TYPE_FP32": np.float32, "TYPE_INT64": np.int64}
+
+
+class TorchSession:
+    """ONNX Runtime's `run(output_names, feed)` over a torch stage module (one output)."""
+
+    def __init__(self, params: dict[str, str], config: dict[str, Any], args: dict[str, str]):
+        import sys
+
+        import torch
+
+        try:
+            from orchestrator.models.export import STAGE_SPECS, load_stage
+        except ImportError:
+            src = params.get("orchestrator_src", "")
+            if src and src not in sys.path:
+                sys.path.append(src)
+            from orchestrator.models.export import STAGE_SPECS, load_stage
+
+        self.torch = torch
+        stage = config.get("name", "")
+        self.dtype = getattr(torch, params.get("torch_dtype") or "float32")
+        device = params.get("torch_device") or "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args.get('model_instance_device_id', '0')}"
+        self.device = torch.device(device)
+        self.module = load_stage(Path(params["model_folder"]), stage, self.dtype).to(self.device)
+        self.inputs = STAGE_SPECS[stage].inputs
+        self.out_types = {o["name"]: _NUMPY_TYPES[o["data_type"]] for o in config["output"]}
+
+    def run(self, output_names: list[str], feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        torch = self.torch
+        args = []
+        for name in self.inputs:
+            tensor = torch.from_numpy(np.ascontiguousarray(feed[name])).to(self.device)
+            if tensor.is_floating_point() and name != "timestep":
+                tensor = tensor.to(self.dtype)
+            args.append(tensor)
+        with torch.inference_mode():
+            out = self.module(*args)
+        name = output_names[0]
+        return [out.to(torch.float32).cpu().numpy().astype(self.out_types[name], copy=False)]
+
+
 def _parameters(config: dict[str, Any]) -> dict[str, str]:
     params = config.get("parameters") or {}
     return {key: str(value.get("string_value", "")) for key, value in params.items()}
@@ -83,13 +136,20 @@ def _parameters(config: dict[str, Any]) -> dict[str, str]:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        import onnxruntime as ort
-
         config = json.loads(args["model_config"])
         params = _parameters(config)
         self.model_name = config.get("name", "model")
         self.input_names = [spec["name"] for spec in config["input"]]
         self.output_names = [spec["name"] for spec in config["output"]]
+        #: the smallest one-row input seen, replayed to shrink the arena (ONNX Runtime only)
+        self.small_feed: dict[str, np.ndarray] | None = None
+        self.shrinks = 0
+        self.torch_runtime = params.get("runtime") == "torch"
+        if self.torch_runtime:
+            self.session: Any = TorchSession(params, config, args)
+            return
+        import onnxruntime as ort
+
         threads = int(os.environ.get(THREADS_ENV) or params.get("ort_intra_op_threads") or "1")
 
         options = ort.SessionOptions()
@@ -107,9 +167,6 @@ class TritonPythonModel:
         self.loaded_kib = resident_kib()
         self.shrink_options = ort.RunOptions()
         self.shrink_options.add_run_config_entry(SHRINK_ENTRY, "cpu:0")
-        #: the smallest one-row input seen, replayed to shrink the arena
-        self.small_feed: dict[str, np.ndarray] | None = None
-        self.shrinks = 0
         onnx_inputs = {i.name for i in self.session.get_inputs()}
         missing = [n for n in self.input_names if n not in onnx_inputs]
         if missing:
@@ -169,7 +226,8 @@ class TritonPythonModel:
                         for name in self.input_names
                     }
                 outputs = self.session.run(self.output_names, feed)
-                self._remember(feed)
+                if not self.torch_runtime:
+                    self._remember(feed)
                 cuts = split_points([batches[g] for g in group])
                 pieces = [np.split(out, cuts, axis=0) for out in outputs]
                 for position, request_index in enumerate(members):

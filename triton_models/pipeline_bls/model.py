@@ -49,6 +49,13 @@ def _parameters(config: dict[str, Any]) -> dict[str, str]:
     return {key: str(value.get("string_value", "")) for key, value in params.items()}
 
 
+def _as_half(name: str, arr: np.ndarray) -> np.ndarray:
+    """A float input as a half-precision stage declares it; `timestep` stays fp32."""
+    if arr.dtype == np.float32 and name != "timestep":
+        return arr.astype(np.float16)
+    return arr
+
+
 def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8")
@@ -85,6 +92,8 @@ class TritonPythonModel:
 
     def _call(self, model: str, inputs: Any, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
         """One BLS call to a stage model; outputs copied to host numpy arrays."""
+        if self.params.get("stage_floats") == "fp16":  # the stages' declared float type
+            inputs = {name: _as_half(name, arr) for name, arr in inputs.items()}
         tensors = [pb_utils.Tensor(name, np.ascontiguousarray(arr)) for name, arr in inputs.items()]
         request = pb_utils.InferenceRequest(
             model_name=model, requested_output_names=list(outputs), inputs=tensors
@@ -103,6 +112,8 @@ class TritonPythonModel:
                 from torch.utils.dlpack import from_dlpack
 
                 result[name] = from_dlpack(tensor.to_dlpack()).cpu().numpy()
+            if result[name].dtype == np.float16:  # the pipeline's math stays fp32
+                result[name] = result[name].astype(np.float32)
         return result
 
     def _generate(self, arrays: dict[str, np.ndarray], row: int) -> np.ndarray:
