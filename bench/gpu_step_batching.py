@@ -22,14 +22,13 @@ from typing import Any
 import torch
 
 
-def sd15_runner(tokenizer_dir: str, device: str, small: bool) -> Any:
+def sd15_components(small: bool) -> tuple[Any, Any, Any]:
+    """Random-weight (text encoder, UNet, VAE) at SD-1.5 shapes, or tiny ones for a CPU smoke
+    run; seeded, built on torch's current default device (bench/gpu_triton.py reuses them)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from orchestrator.testing import TorchStageRunner
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     if small:  # a CPU smoke test of this script
         text = CLIPTextModel(
             CLIPTextConfig(
@@ -73,10 +72,18 @@ def sd15_runner(tokenizer_dir: str, device: str, small: bool) -> Any:
             down_block_types=("DownEncoderBlock2D",) * 4,
             up_block_types=("UpDecoderBlock2D",) * 4,
         )
+    return text.eval(), unet.eval(), vae.eval()
+
+
+def sd15_runner(tokenizer_dir: str, device: str, small: bool) -> Any:
+    from transformers import CLIPTokenizer
+
+    from orchestrator.testing import TorchStageRunner
+
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text, unet, vae = sd15_components(small)
     dtype = torch.float16 if device == "cuda" else torch.float32
-    return TorchStageRunner(
-        tokenizer, text.eval(), vae.eval(), unet.eval(), device=device, dtype=dtype
-    )
+    return TorchStageRunner(tokenizer, text, vae, unet, device=device, dtype=dtype)
 
 
 class Timed:

@@ -294,19 +294,39 @@ def summarize(
 
 @dataclasses.dataclass
 class RpcTimer:
-    """Wall time spent inside Triton gRPC calls, as the calling process saw it."""
+    """Wall time spent inside Triton gRPC calls, as the calling process saw it, and the tensor
+    bytes those calls sent and received as the caller holds them (per model in `by_model`:
+    calls, bytes_in, bytes_out, and `fp32_bytes`: those of float32 tensors other than
+    `timestep`, which a half-precision model's wire carries in half the bytes)."""
 
     busy_s: float = 0.0
     calls: int = 0
+    by_model: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
     def wrap(self, infer: Callable[..., Any]) -> Callable[..., Any]:
         async def timed(call: StageCall, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
+            out: Any = None
             try:
-                return await infer(call, **kwargs)
+                out = await infer(call, **kwargs)
+                return out
             finally:
                 self.busy_s += time.perf_counter() - t0
                 self.calls += 1
+                m = self.by_model.setdefault(
+                    call.model, {"calls": 0, "bytes_in": 0, "bytes_out": 0, "fp32_bytes": 0}
+                )
+                m["calls"] += 1
+                tensors = list(call.inputs.items())
+                m["bytes_in"] += sum(int(a.nbytes) for _, a in tensors)
+                if isinstance(out, Mapping):
+                    tensors += list(out.items())
+                    m["bytes_out"] += sum(int(getattr(a, "nbytes", 0)) for a in out.values())
+                m["fp32_bytes"] += sum(
+                    int(a.nbytes)
+                    for name, a in tensors
+                    if name != "timestep" and getattr(a, "dtype", None) == np.float32
+                )
 
         return timed
 
@@ -377,25 +397,26 @@ async def direct_sender(
         cached = prompt_cache_runner(triton, load_settings(None), inner=client)
         if mode == "bls":
 
-            async def send_bls(r: GenerationRequest) -> None:
+            async def send_bls(r: GenerationRequest) -> Any:
                 out = await client.infer(bls_call(r))
                 if out["image"].shape[0] != 1:
                     raise RuntimeError("pipeline_bls returned the wrong number of images")
+                return out
 
             yield send_bls
         elif mode == "naive":
 
-            async def send_naive(r: GenerationRequest) -> None:
-                await run_job(start_job(r, info), cached)
+            async def send_naive(r: GenerationRequest) -> Any:
+                return await run_job(start_job(r, info), cached)
 
             yield send_naive
         else:
             cohorts = CohortPolicy(load_settings(None).batch_cohorts)  # ORCHESTRATOR_BATCH_COHORTS
             batcher = StepBatcher(cached, _max_rows(info), cohorts=cohorts)
 
-            async def send_step(r: GenerationRequest) -> None:
+            async def send_step(r: GenerationRequest) -> Any:
                 async with batcher.job():
-                    await run_job(start_job(r, info), batcher)
+                    return await run_job(start_job(r, info), batcher)
 
             yield send_step
 
