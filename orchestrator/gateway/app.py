@@ -453,14 +453,13 @@ class Gateway:
             replica=self.replica,
         )
         # the request's server span is current: the record carries it on
-        await self.backend.register(reg)
         with producer_span(
             self.tracer,
             self.backend.request_topic,
             [(CORRELATION_ID_HEADER, job_id.encode())],
             message_id=job_id,
         ) as headers:
-            await self.backend.submit(gen, list(headers))
+            await self.backend.submit(reg, gen, list(headers))
         if webhook_url is not None and self.gw.webhook_secret is not None:
             task = asyncio.create_task(self._webhook(job_id, webhook_url))
             self.tasks.add(task)
@@ -554,6 +553,7 @@ def create_app(
             registry_topic=gateway.registry_topic,
             lookback_s=gateway.lookback_s,
             timeout_ms=gateway.kafka_timeout_ms,
+            fetch_wait_ms=gateway.fetch_wait_ms,
         )
     gw = Gateway(settings, gateway, keys, backend, tracer_provider)
 
@@ -697,14 +697,19 @@ def create_app(
             sent = after
             current = job
             while True:
-                for ev in current.events[sent:]:
-                    data = json.dumps(progress_data(ev.record, previews))
-                    yield f"id: {ev.seq}\nevent: progress\ndata: {data}\n\n".encode()
-                    sent = ev.seq
+                # what came since the last wake-up goes out in one write, the outcome with it
+                chunk = [
+                    f"id: {ev.seq}\nevent: progress\n"
+                    f"data: {json.dumps(progress_data(ev.record, previews))}\n\n"
+                    for ev in current.events[sent:]
+                ]
+                sent = max(sent, len(current.events))
                 if current.terminal:
-                    data = json.dumps(gw.job_json(current))
-                    yield f"event: outcome\ndata: {data}\n\n".encode()
+                    chunk.append(f"event: outcome\ndata: {json.dumps(gw.job_json(current))}\n\n")
+                    yield "".join(chunk).encode()
                     return
+                if chunk:
+                    yield "".join(chunk).encode()
                 version = current.version
                 got = await gw.backend.wait_job(job_id, 15.0, version=version)
                 if got is not None:

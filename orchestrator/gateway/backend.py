@@ -4,6 +4,10 @@
 ago (no consumer group: every replica reads everything) into a `JobBook`, then keeps tailing
 them. `catch_up()` waits until the tail has read up to the end offsets of now, so a replica
 that has not seen a job yet can tell "not yet" from "no such job".
+
+A waiter waits for one job (`wait_job`) or for the tail's position (`catch_up`); after each fetch
+that brought records, only the waiters of the jobs those records changed are woken (and the
+position waiters), not every request in flight.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer
@@ -57,6 +61,7 @@ class Backend:
         lookback_s: float,
         timeout_ms: int = 5000,
         max_record_bytes: int = 1_000_000,
+        fetch_wait_ms: int = 20,
     ) -> None:
         self.kafka = kafka
         self.codec = codec
@@ -69,6 +74,7 @@ class Backend:
         self.answer_topics = list(dict.fromkeys([*response_topics, reply_topic]))
         self.lookback_s = lookback_s
         self.timeout_ms = timeout_ms
+        self.fetch_wait_ms = fetch_wait_ms
         self.book = JobBook()
         self.producer = KafkaProducerAdapter(
             kafka, linger_ms=0, request_timeout_ms=timeout_ms, max_record_bytes=max_record_bytes
@@ -78,7 +84,9 @@ class Backend:
         #: next offset the tail will read, per partition
         self._pos: dict[TopicPartition, int] = {}
         self._task: asyncio.Task[None] | None = None
-        self._changed = asyncio.Condition()
+        #: futures to wake when a job changes, by job id; under None, after every fetch that
+        #: brought records (`catch_up`)
+        self._waiters: dict[str | None, list[asyncio.Future[None]]] = {}
         self.last_fetch_ok = 0.0
         self.caught_up = False
 
@@ -90,7 +98,10 @@ class Backend:
             **self.kafka.client_kwargs(),
             enable_auto_commit=False,
             group_id=None,
-            fetch_max_wait_ms=50,
+            # Apache Kafka answers a fetch as soon as a record is there, so this is only the
+            # idle poll interval; a broker that holds every fetch its full wait (Tansu) adds up
+            # to this much to every answer
+            fetch_max_wait_ms=self.fetch_wait_ms,
             request_timeout_ms=max(self.timeout_ms, 5000) + 1000,
         )
         await consumer.start()
@@ -153,34 +164,43 @@ class Backend:
                 await asyncio.sleep(0.5)
                 continue
             self.last_fetch_ok = time.monotonic()
+            if not batches:
+                continue  # nothing moved: no waiter's predicate can have changed
+            touched: set[str] = set()
             for tp, records in batches.items():
                 for record in records:
                     try:
-                        await self._on_record(tp.topic, record)
+                        job_id = await self._on_record(tp.topic, record)
                     except Exception:
                         log.warning("gateway tail: skipped a record of %s", tp.topic, exc_info=True)
+                    else:
+                        if job_id is not None:
+                            touched.add(job_id)
                     self._pos[tp] = record.offset + 1
-            if not batches:
-                continue  # nothing moved: no waiter's predicate can have changed
-            async with self._changed:
-                self._changed.notify_all()
+            self._wake(touched)
 
-    async def _on_record(self, topic: str, record: Any) -> None:
+    def _wake(self, job_ids: set[str]) -> None:
+        for key in (*job_ids, None):
+            for fut in self._waiters.pop(key, ()):
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def _on_record(self, topic: str, record: Any) -> str | None:
+        """Apply one record to the book; the id of the job it changed, if any."""
         if topic == self.registry_topic:
-            if record.value is not None:
-                self.book.register(Registration.decode(record.value))
-            return
+            if record.value is None:
+                return None
+            return self.book.register(Registration.decode(record.value)).job_id
         if topic == self.progress_topic:
             # keyed by request id: another client's job is not decoded (it is never visible)
             if record.key is not None and not bytes(record.key).startswith(_JOB_ID_PREFIX):
-                return
+                return None
             await self.codec.resolve(record.value)
-            self.book.progress(self.codec.decode_progress(record.value))
-            return
+            return self.book.progress(self.codec.decode_progress(record.value)).job_id
         headers = [(k, None if v is None else bytes(v)) for k, v in record.headers or ()]
         rid = header_str(headers, CORRELATION_ID_HEADER)
         if rid is not None and not rid.startswith(JOB_ID_PREFIX):
-            return
+            return None
         now_ms = int(record.timestamp) if record.timestamp else int(time.time() * 1000)
         if topic == self.dlq_topic:
             if rid is None:
@@ -193,11 +213,11 @@ class Backend:
                     "message": header_str(headers, DLQ_ERROR_MESSAGE) or "",
                     "stage": header_str(headers, DLQ_ERROR_STAGE) or "",
                 }
-                self.book.dead_letter(rid, failure, now_ms)
-            return
+                return self.book.dead_letter(rid, failure, now_ms).job_id
+            return None
         await self.codec.resolve(record.value)
         result = self.codec.decode_result(record.value)
-        self.book.result(rid or result.request_id, result, now_ms)
+        return self.book.result(rid or result.request_id, result, now_ms).job_id
 
     async def catch_up(self, timeout_s: float) -> bool:
         """Wait until the tail has read every record on its topics as of now."""
@@ -213,14 +233,29 @@ class Backend:
         def reached() -> bool:
             return all(self._pos.get(tp, 0) >= end for tp, end in ends.items())
 
-        return await self._wait(reached, timeout_s)
+        return await self._wait(reached, timeout_s, None)
 
-    async def _wait(self, predicate: Any, timeout_s: float) -> bool:
-        async with self._changed:
+    async def _wait(self, predicate: Callable[[], bool], timeout_s: float, key: str | None) -> bool:
+        """Until `predicate()` holds (True) or `timeout_s` passed (False), re-checking it each
+        time the tail wakes `key` (a job id; None: any fetch that brought records)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not predicate():
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            fut: asyncio.Future[None] = loop.create_future()
+            self._waiters.setdefault(key, []).append(fut)
+            handle = loop.call_later(remaining, _expire, fut)
             try:
-                await asyncio.wait_for(self._changed.wait_for(predicate), timeout=timeout_s)
-            except TimeoutError:
-                return bool(predicate())
+                await fut
+            finally:
+                handle.cancel()
+                waiting = self._waiters.get(key)
+                if waiting is not None and fut in waiting:  # not woken: timed out, cancelled
+                    waiting.remove(fut)
+                    if not waiting:
+                        del self._waiters[key]
         return True
 
     async def wait_job(self, job_id: str, timeout_s: float, version: int = -1) -> Job | None:
@@ -231,7 +266,7 @@ class Backend:
             job = self.book.get(job_id)
             return job is not None and (job.terminal or (version >= 0 and job.version > version))
 
-        await self._wait(done, timeout_s)
+        await self._wait(done, timeout_s, job_id)
         return self.book.get(job_id)
 
     # -- publishing --------------------------------------------------------------------------
@@ -245,15 +280,38 @@ class Backend:
         except (PublishError, KafkaError, TimeoutError, RuntimeError) as exc:
             raise KafkaUnavailable(f"cannot publish to {topic}: {exc}") from exc
 
-    async def register(self, reg: Registration) -> None:
-        await self._publish(self.registry_topic, reg.encode(), reg.job_id, [])
-        self.book.register(reg)
+    async def submit(
+        self, reg: Registration, request: GenerationRequest, headers: list[Any]
+    ) -> None:
+        """Publish the job's registration and its request, both at once (one produce round
+        trip, not two in a row), and return when both are acknowledged: a GET on any replica
+        after this returns finds both. The book takes records in any order, so an answer that
+        overtakes the registration on another replica's tail is kept until it comes.
 
-    async def submit(self, request: GenerationRequest, headers: list[Any]) -> None:
+        If one is not acknowledged the caller answers 503: a request sent without its
+        registration is cancelled (best effort: nobody could follow it); a registration whose
+        request was not sent stays queued, as it would if the gateway died between the two."""
         value = self.codec.encode_request(request, reply_topic=self.reply_topic)
-        await self._publish(self.request_topic, value, request.request_id, headers)
+        registered, submitted = await asyncio.gather(
+            self._publish(self.registry_topic, reg.encode(), reg.job_id, []),
+            self._publish(self.request_topic, value, request.request_id, headers),
+            return_exceptions=True,
+        )
+        if registered is None:
+            self.book.register(reg)
+        elif submitted is None:
+            with contextlib.suppress(KafkaUnavailable):
+                await self.cancel(reg.job_id, "the gateway could not register the job")
+        for outcome in (registered, submitted):
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def cancel(self, job_id: str, reason: str | None) -> None:
         record = ControlCommandRecord(COMMAND_CANCEL, job_id, int(time.time() * 1000), reason)
         headers = [(CORRELATION_ID_HEADER, job_id.encode())]
         await self._publish(self.control_topic, self.codec.encode_control(record), job_id, headers)
+
+
+def _expire(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)

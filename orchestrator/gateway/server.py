@@ -1,9 +1,19 @@
-"""`orchestrator gateway`: the app under uvicorn."""
+"""`orchestrator gateway`: the app under uvicorn.
+
+The HTTP parser and the event loop are chosen here, not left to uvicorn's guess: httptools and
+uvloop (a C parser and a libuv loop) when they are installed, as they are with the project's
+dependencies; h11 and asyncio's loop, with a warning, where they are not (the `http` and `loop`
+settings force either). On the 2-core bench machine their gain was within its noise (see the
+gateway section of docs/benchmarks.md).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterator
+import importlib.util
+import logging
+from collections.abc import Callable, Iterator
 
 import uvicorn
 from opentelemetry.trace import TracerProvider
@@ -11,6 +21,34 @@ from opentelemetry.trace import TracerProvider
 from orchestrator.config import Settings
 from orchestrator.gateway.app import create_app
 from orchestrator.gateway.settings import GatewaySettings
+
+log = logging.getLogger("orchestrator.gateway")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def http_parser(gateway: GatewaySettings) -> str:
+    """uvicorn's `http` implementation: httptools where it is installed (or asked for)."""
+    if gateway.http != "auto":
+        return gateway.http
+    if _installed("httptools"):
+        return "httptools"
+    log.warning("gateway: httptools is not installed, parsing HTTP with h11 (slower)")
+    return "h11"
+
+
+def loop_factory(gateway: GatewaySettings) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The gateway's event loop: uvloop's where it is installed (or asked for); None: asyncio's."""
+    if gateway.loop == "asyncio":
+        return None
+    if gateway.loop == "auto" and not _installed("uvloop"):
+        log.warning("gateway: uvloop is not installed, running on asyncio's own event loop")
+        return None
+    import uvloop
+
+    return uvloop.new_event_loop
 
 
 class EmbeddedServer(uvicorn.Server):
@@ -37,6 +75,9 @@ def server(
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        http=http_parser(gateway),
+        # the loop is the one this server is awaited on: `serve_command` makes it uvloop's
+        loop="none",
     )
     return EmbeddedServer(config) if embedded else uvicorn.Server(config)
 
@@ -59,7 +100,6 @@ async def serve(settings: Settings, gateway: GatewaySettings) -> None:
 
 def serve_command(settings: Settings, *, host: str | None, port: int | None) -> int:
     """`orchestrator gateway`: exit status 2 for bad gateway settings."""
-    import asyncio
     import sys
 
     from pydantic import ValidationError
@@ -74,5 +114,6 @@ def serve_command(settings: Settings, *, host: str | None, port: int | None) -> 
     except ValidationError as exc:
         print(f"error: gateway settings: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(settings, gateway))
+    with asyncio.Runner(loop_factory=loop_factory(gateway)) as runner:
+        runner.run(serve(settings, gateway))
     return 0

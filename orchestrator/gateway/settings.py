@@ -4,6 +4,7 @@ topics come from the service's own `ORCHESTRATOR_*` settings)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +65,22 @@ class GatewaySettings(BaseSettings):
     )
     kafka_timeout_ms: int = Field(
         5000, ge=500, le=120_000, description="publish acknowledgement timeout (503 after)"
+    )
+    fetch_wait_ms: int = Field(
+        20,
+        ge=1,
+        le=5000,
+        description="the tail's fetch wait: how long the broker may hold an empty fetch (Apache "
+        "Kafka answers as soon as a record comes, so this is the idle poll interval; a broker "
+        "that holds every fetch that long, as Tansu does, adds up to it to each answer)",
+    )
+    http: Literal["auto", "httptools", "h11"] = Field(
+        "auto", description="HTTP parser (auto: httptools if installed, else h11)"
+    )
+    loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        "auto",
+        description="event loop of `orchestrator gateway` (auto: uvloop if installed; "
+        "`orchestrator dev` runs it on its own loop)",
     )
     dev_key: SecretStr | None = Field(
         None, description="an extra API key allowed every route (orchestrator dev only)"
