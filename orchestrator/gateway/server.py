@@ -59,12 +59,31 @@ class EmbeddedServer(uvicorn.Server):
         yield
 
 
+class StandaloneServer(uvicorn.Server):
+    """A uvicorn server that owns the process's signals and runs `on_stopped` once it has shut
+    down, before uvicorn re-raises the SIGINT/SIGTERM it caught (which ends the process: code
+    after `serve()` would never run, and spans still buffered would be lost)."""
+
+    def __init__(self, config: uvicorn.Config, on_stopped: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_stopped = on_stopped
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self.on_stopped()
+
+
 def server(
     settings: Settings,
     gateway: GatewaySettings,
     *,
     embedded: bool = False,
     tracer_provider: TracerProvider | None = None,
+    on_stopped: Callable[[], None] | None = None,
 ) -> uvicorn.Server:
     app = create_app(settings, gateway, tracer_provider=tracer_provider)
     config = uvicorn.Config(
@@ -79,7 +98,9 @@ def server(
         # the loop is the one this server is awaited on: `serve_command` makes it uvloop's
         loop="none",
     )
-    return EmbeddedServer(config) if embedded else uvicorn.Server(config)
+    if embedded:
+        return EmbeddedServer(config)
+    return StandaloneServer(config, on_stopped) if on_stopped else uvicorn.Server(config)
 
 
 async def serve(settings: Settings, gateway: GatewaySettings) -> None:
@@ -88,12 +109,11 @@ async def serve(settings: Settings, gateway: GatewaySettings) -> None:
     from orchestrator.adapters.tracing import setup_tracing
 
     provider = setup_tracing("diffusion-gateway") if settings.tracing else None
-    srv = server(settings, gateway, tracer_provider=provider)
-    try:
-        await srv.serve()
-    finally:
-        if provider is not None:
-            provider.shutdown()
+    # the provider is shut down (its last spans sent) inside the server's signal capture:
+    # after a SIGTERM, uvicorn re-raises it as soon as the capture ends
+    stopped = provider.shutdown if provider is not None else None
+    srv = server(settings, gateway, tracer_provider=provider, on_stopped=stopped)
+    await srv.serve()
     if not srv.started:
         raise SystemExit(1)
 

@@ -163,7 +163,9 @@ async def test_gateway_process_continues_a_traceparent_and_exports_over_otlp(
                 "ORCHESTRATOR_GATEWAY_DEV_KEY": KEY,
                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{receiver.endpoint}",
                 "OTEL_EXPORTER_OTLP_INSECURE": "true",
-                "OTEL_BSP_SCHEDULE_DELAY": "200",
+                # nothing goes out before the shutdown: the spans must be flushed on SIGTERM
+                # (uvicorn re-raises the signal, which ends the process, once it has stopped)
+                "OTEL_BSP_SCHEDULE_DELAY": "600000",
             }
         )
         command = [sys.executable, "-m", "orchestrator", "gateway", "--port", str(port)]
