@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # project's machines.
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: chromium venv test test-unit test-fast lint demo models clean
+.PHONY: chromium venv test test-device-scripts test-unit test-fast lint demo models clean
 
 venv: $(STAMP)
 
@@ -30,7 +30,12 @@ lint: venv
 	$(VENV)/bin/mypy
 
 test: venv lint chromium
-	$(VENV)/bin/pytest -q -ra
+	$(VENV)/bin/pytest -q -ra -m "not device_script"
+
+# the GPU bench scripts run on the CPU with tiny models (minutes of torch start-up in Triton's
+# Python stubs); CI runs them after `make test`
+test-device-scripts: venv
+	$(VENV)/bin/pytest -q -ra -m device_script
 
 # the gateway's playground test drives Debian's chromium through Playwright (never
 # `playwright install`)

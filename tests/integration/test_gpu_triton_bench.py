@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLE, TEXT = 4 * 8 * 8, 77 * 32
 
 
+# minutes on 2 cores (torch starting in each Python stub): `make test-device-scripts`, in CI
+@pytest.mark.device_script
 def test_the_gpu_bench_runs_on_the_cpu_and_reports_what_it_measured(
     tiny_models: Path, tmp_path: Path
 ) -> None:
