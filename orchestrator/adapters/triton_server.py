@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +39,10 @@ from orchestrator.adapters.child_process import free_port as free_port
 #: environment variable read by the ONNX Runtime stage models (threads per session)
 ORT_THREADS_ENV = "ORCH_ORT_INTRA_OP_THREADS"
 LOG_TAIL_LINES = 60
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "triton_python_backend_shm_region_"
 
 
 class TritonServerError(RuntimeError):
@@ -131,6 +136,9 @@ class TritonServer:
         self.log_verbose = log_verbose
         self.startup_timeout = startup_timeout
         self.log_path = self.work_dir / "tritonserver.log"
+        # the Python backend's shared-memory regions are named after this prefix, so that stop()
+        # can remove what a killed server leaves in /dev/shm (its stubs cannot, once SIGKILLed)
+        self.shm_prefix = f"{SHM_PREFIX}{uuid.uuid4().hex[:12]}_"
         self._process: subprocess.Popen[bytes] | None = None
         self._guard: GroupGuard | None = None
         self._log_file: IO[bytes] | None = None
@@ -161,6 +169,7 @@ class TritonServer:
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
             f"--log-verbose={self.log_verbose}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *self.extra_args,
         ]
 
@@ -296,6 +305,9 @@ class TritonServer:
         code = stop_process_group(process, timeout)
         self._process = None
         self._close_log()
+        # the whole group is gone: nothing maps this server's regions any more
+        for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
+            region.unlink(missing_ok=True)
         return code
 
     def _close_log(self) -> None:
