@@ -161,11 +161,50 @@ def stub_environment(work: Path, stub_path: str | None) -> dict[str, str]:
     dirs += list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
     lines = [str(Path(stub_path).resolve())] if stub_path else []
     lines += [f"import site; site.addsitedir({str(Path(d).resolve())!r})" for d in dirs]
-    (site_dir / "_gpu_triton.pth").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pth = site_dir / "_gpu_triton.pth"
+    pth.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if stub_path:
+        # Packages built against numpy 2 fail to import under the stubs' numpy 1.26, and
+        # transformers imports some of them when installed (sklearn from its generation code:
+        # seen on an H100 machine, where `from transformers import AutoModel` then failed in
+        # every stub). Hide those from the stubs, as if not installed: find_spec answers None
+        # for a name bound to None in sys.modules, which is how transformers and diffusers
+        # decide what is available.
+        hidden = failing_imports(target / "bin" / "python3", OPTIONAL_IMPORTS)
+        if hidden:
+            print(f"hidden from the stubs (fail to import with their numpy): {hidden}", flush=True)
+            lines.append(f"import sys; sys.modules.update(dict.fromkeys({hidden!r}))")
+            pth.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {
         "PATH": os.pathsep.join([str(target / "bin"), os.environ.get("PATH", "")]),
         "VIRTUAL_ENV": str(target),
     }
+
+
+# optional packages transformers, diffusers or peft import when installed; none is needed here
+OPTIONAL_IMPORTS = (
+    "sklearn", "scipy", "pandas", "cv2", "numba", "matplotlib", "torchvision", "torchaudio",
+    "timm", "onnxruntime", "onnx", "onnxscript", "sentencepiece", "tiktoken", "accelerate", "peft",
+)  # fmt: skip
+
+
+def failing_imports(python: Path, names: tuple[str, ...]) -> list[str]:
+    """The names that `python` cannot import, each tried in a fresh interpreter."""
+    probe = (
+        "import importlib, sys\n"
+        "try:\n    importlib.import_module(sys.argv[1])\n"
+        "except ModuleNotFoundError as e:\n"  # not installed: nothing to hide
+        "    sys.exit(0 if e.name == sys.argv[1] else 3)\n"
+        "except BaseException:\n    sys.exit(3)\n"
+    )
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fails(name: str) -> bool:
+        run = subprocess.run([str(python), "-c", probe, name], capture_output=True, timeout=300)
+        return run.returncode != 0
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return [name for name, bad in zip(names, pool.map(fails, names), strict=True) if bad]
 
 
 def percentile(values: list[float], q: float) -> float:

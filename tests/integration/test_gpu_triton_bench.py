@@ -95,6 +95,13 @@ def test_the_stubs_venv_puts_the_stub_path_first_then_pythonpath_then_our_packag
     first, carried = tmp_path / "stubsite", tmp_path / "carried"
     first.mkdir()
     carried.mkdir()
+    # optional packages as a GPU machine may have them: one built against another numpy fails
+    # to import (hidden from the stubs), one fails on a missing dependency of its own (hidden
+    # too), one imports (kept)
+    (carried / "sklearn").mkdir()
+    (carried / "sklearn" / "__init__.py").write_text("raise ImportError('built for numpy 2')\n")
+    (carried / "cv2.py").write_text("import numpy_2_only_extension\n")
+    (carried / "tiktoken.py").write_text("VALUE = 1\n")
     monkeypatch.setenv("PYTHONPATH", str(carried))
     env = module.stub_environment(tmp_path / "work", str(first))
     python = Path(env["VIRTUAL_ENV"]) / "bin" / "python3"
@@ -112,3 +119,16 @@ def test_the_stubs_venv_puts_the_stub_path_first_then_pythonpath_then_our_packag
 
     ours = str(Path(numpy.__file__).resolve().parents[1])
     assert path.index(str(carried)) < path.index(ours)
+    seen = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import importlib.util as u; print([u.find_spec(n) is None "
+            "for n in ('sklearn', 'cv2', 'tiktoken')])",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": env["PATH"]},
+    )
+    assert seen.stdout.strip() == "[True, True, False]"
