@@ -273,10 +273,23 @@ async def _run(plan_list: list[Plan], tmp: Path) -> tuple[Log, list[Any], dict[s
     service.codec.encode_result = encode_failing  # type: ignore[method-assign]
     service.answering.store = store_failing  # type: ignore[method-assign]
     service.handling.run = run  # type: ignore[method-assign]
-    service.triton = FakeTriton()  # type: ignore[assignment]
+    handling_module.start_job = start_job_failing  # type: ignore[assignment]
+    try:
+        await run_until_committed(service, log, records, plans)
+    finally:
+        handling_module.start_job = start_job
+    flat = [r for p in sorted(records) for r in records[p]]
+    return log, flat, plans
+
+
+async def run_until_committed(
+    service: Any, log: Log, records: dict[int, list[Any]], plans: dict[str, Plan]
+) -> None:
+    """Run `service` on the in-memory broker (fake Triton, `records` per partition of TOPIC)
+    until every record's offset is committed, then stop it."""
+    service.triton = FakeTriton()
     service.consumer._consumer = FakeAioConsumer(log, records)
     service.producer._producer = FakeAioProducer(log, "answers", "dead", plans)
-    handling_module.start_job = start_job_failing  # type: ignore[assignment]
     task = asyncio.create_task(service.run())
     try:
         want = {(TOPIC, p): len(r) for p, r in records.items() if r}
@@ -291,11 +304,8 @@ async def _run(plan_list: list[Plan], tmp: Path) -> tuple[Log, list[Any], dict[s
         else:
             raise AssertionError(f"not every record ended: committed {committed}, want {want}")
     finally:
-        handling_module.start_job = start_job
         service.stop()
         await asyncio.wait_for(task, 10)
-    flat = [r for p in sorted(records) for r in records[p]]
-    return log, flat, plans
 
 
 def check_invariant(log: Log, records: list[Any], plans: dict[str, Plan]) -> None:

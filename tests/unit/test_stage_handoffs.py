@@ -33,14 +33,12 @@ from tests.unit.test_record_invariant import (
     ERRORS,
     PARTITIONS,
     TOPIC,
-    FakeAioConsumer,
-    FakeAioProducer,
-    FakeTriton,
     Log,
     Plan,
     _dlq_rid,
     _record,
     check_invariant,
+    run_until_committed,
 )
 from tests.unit.test_validation import INFO
 
@@ -216,25 +214,7 @@ async def _run_denoise_role(plan_list: list[Plan]) -> tuple[Log, list[Any], dict
         return {"unet": 1.0}
 
     service.handling.run_stage = run_stage  # type: ignore[method-assign]
-    service.triton = FakeTriton()  # type: ignore[assignment]
-    service.consumer._consumer = FakeAioConsumer(log, records)
-    service.producer._producer = FakeAioProducer(log, "answers", "dead", plans)
-    task = asyncio.create_task(service.run())
-    try:
-        want = {(TOPIC, p): len(r) for p, r in records.items() if r}
-        for _ in range(2_000):
-            committed: dict[tuple[str, int], int] = {}
-            for _, offsets in log.commits:
-                committed.update(offsets)
-            if all(committed.get(k) == v for k, v in want.items()):
-                break
-            assert not task.done(), task
-            await asyncio.sleep(0.005)
-        else:
-            raise AssertionError(f"not every record ended: committed {committed}, want {want}")
-    finally:
-        service.stop()
-        await asyncio.wait_for(task, 10)
+    await run_until_committed(service, log, records, plans)
     return log, [r for p in sorted(records) for r in records[p]], plans
 
 
