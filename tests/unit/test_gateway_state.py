@@ -143,3 +143,12 @@ def test_webhook_signature() -> None:
     assert not webhook.verify(b"s3cret", b'{"a":2}', header, now=1010)
     assert not webhook.verify(b"s3cret", b'{"a":1}', header, now=5000)  # stale
     assert not webhook.verify(b"s3cret", b"", "garbage", now=1000)
+
+
+def test_webhook_verify_refuses_forged_headers_without_raising() -> None:
+    # a receiver verifies whatever header comes: a mismatch, never a TypeError/OverflowError
+    good = webhook.sign(b"s3cret", b"{}", 1000)
+    assert not webhook.verify(b"s3cret", b"{}", good[:-1] + "é", now=1000)
+    assert not webhook.verify(b"s3cret", b"{}", "t=" + "9" * 400 + ",v1=00", now=1000)
+    assert not webhook.verify(b"s3cret", b"{}", "t=-1000,v1=00", now=1000)
+    assert not webhook.verify(b"s3cret", b"{}", "t=١٠٠٠,v1=00", now=1000)
