@@ -23,10 +23,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Request, Security
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from opentelemetry import trace
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -37,6 +38,7 @@ from orchestrator.adapters.kafka import CORRELATION_ID_HEADER
 from orchestrator.adapters.tracing import get_tracer, producer_span
 from orchestrator.config import Settings
 from orchestrator.core.envelope import check_envelope
+from orchestrator.core.schedulers import resolve as resolve_scheduler
 from orchestrator.domain import GenerationRequest
 from orchestrator.errors import ValidationError
 from orchestrator.gateway import webhook
@@ -64,9 +66,10 @@ _RETRY_KAFKA_S = 5
 
 
 class GenerationBody(BaseModel):
-    """The OpenAI Images request shape plus the orchestrator's own fields."""
+    """The OpenAI Images request shape plus the orchestrator's own fields (strict JSON types:
+    `"n": "2"` or `"n": true` is a 422 naming `n`, not a silent cast)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=100_000)
     n: int = Field(1, ge=1, le=64)
@@ -82,7 +85,13 @@ class GenerationBody(BaseModel):
 
 
 class JobBody(GenerationBody):
-    webhook: str | None = Field(None, max_length=2048, description="http(s) URL")
+    webhook: str | None = Field(
+        None,
+        max_length=2048,
+        description="http(s) URL that gets one POST of the job's JSON when it ends, signed "
+        "`Orchestrator-Signature: t=<unix seconds>,v1=<hex>`, `<hex>` = HMAC-SHA256 with the "
+        'webhook secret over `"<t>." + body`; retried with doubling backoff until a 2xx',
+    )
     preview: bool = False
 
 
@@ -103,7 +112,7 @@ def _to_request(body: GenerationBody, job_id: str, settings: Settings) -> Genera
     limits = settings.limits()
     width = height = None
     if body.size is not None:
-        m = _SIZE.match(body.size)
+        m = _SIZE.fullmatch(body.size)  # fullmatch: "$" alone lets "64x64\n" in
         if m is None:
             raise ValidationError("size", f'must be "WxH", e.g. "512x512", got {body.size!r}')
         width, height = int(m[1]), int(m[2])
@@ -111,6 +120,8 @@ def _to_request(body: GenerationBody, job_id: str, settings: Settings) -> Genera
             raise ValidationError(
                 "size", f"at most {limits.max_width}x{limits.max_height}, got {body.size}"
             )
+    if not body.prompt.strip():
+        raise ValidationError("prompt", "must not be blank")
     if len(body.prompt) > limits.max_prompt_chars:
         raise ValidationError(
             "prompt", f"is {len(body.prompt)} characters, over {limits.max_prompt_chars}"
@@ -121,8 +132,10 @@ def _to_request(body: GenerationBody, job_id: str, settings: Settings) -> Genera
         raise ValidationError("n", f"must be between 1 and {limits.max_num_images}")
     if body.steps is not None and body.steps > limits.max_steps:
         raise ValidationError("steps", f"must be between 1 and {limits.max_steps}")
-    if body.scheduler is not None and not _SCHEDULER.match(body.scheduler):
-        raise ValidationError("scheduler", "letters, digits and _ only")
+    if body.scheduler is not None:
+        if not _SCHEDULER.match(body.scheduler):
+            raise ValidationError("scheduler", "letters, digits and _ only")
+        resolve_scheduler(body.scheduler)  # the service's own check (ValidationError)
     defaults = GenerationRequest(prompt="")
     request = GenerationRequest(
         prompt=body.prompt,
@@ -154,8 +167,13 @@ def _body_hash(body: BaseModel) -> str:
 # body size limit (pure ASGI, before anything reads the body)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(HTTPException):
+    """Raised as the body is read past the limit: an HTTPException, which FastAPI passes on
+    as it is (any other error while it reads the body becomes a 400), so a chunked body with
+    no Content-Length gets its 413 too."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(status_code=413, detail=f"body over {limit} bytes")
 
 
 class BodyLimit:
@@ -193,7 +211,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.limit:
-                    raise _TooLarge
+                    raise _TooLarge(self.limit)
             return message
 
         async def tracked(message: MutableMapping[str, Any]) -> None:
@@ -253,6 +271,14 @@ class RouteMetrics:
 # the app
 
 
+class _Turn:
+    """A lock and how many requests hold or await it (the last one out removes it)."""
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.users = 0
+
+
 class Gateway:
     """What the routes share: settings, keys, the Kafka backend, limits, metrics."""
 
@@ -271,6 +297,8 @@ class Gateway:
         self.replica = uuid.uuid4().hex[:12]
         self.buckets: dict[str, TokenBucket] = {}
         self.in_flight: dict[str, int] = {}
+        #: (key id, Idempotency-Key) -> the turn its requests take
+        self.idempotency_turns: dict[tuple[str, str], _Turn] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.tracer = get_tracer(tracer_provider) if settings.tracing else trace.NoOpTracer()
         self.registry = CollectorRegistry()
@@ -340,11 +368,16 @@ class Gateway:
     # -- jobs --------------------------------------------------------------------------------
 
     async def job_for(self, key: ApiKey, job_id: str) -> Job:
-        """The job if `key` created it; 404 otherwise (waiting briefly for the tail)."""
+        """The job if `key` created it; 404 otherwise (waiting briefly for the tail); 503 when
+        the job is not known here and the broker does not answer (not "no such job": it may
+        well be on the topics)."""
         job = self.backend.book.get(job_id)
         if job is None or job.registration is None:
-            await self.backend.catch_up(self.gw.catchup_wait_s)
+            caught_up = await self.backend.catch_up(self.gw.catchup_wait_s)
             job = self.backend.book.get(job_id)
+            unknown = job is None or job.registration is None
+            if unknown and not caught_up and not await self.backend.reachable():
+                raise KafkaUnavailable(f"cannot read the topics for job {job_id[:80]!r}")
         if job is None or job.registration is None or job.registration.owner != key.key_id:
             raise _Refused(JSONResponse(status_code=404, content={"detail": "no such job"}))
         return job
@@ -413,7 +446,24 @@ class Gateway:
         self, request: Request, key: ApiKey, body: GenerationBody, idem: str | None
     ) -> tuple[Job, bool]:
         """Register and send a job; (job, created). An Idempotency-Key seen before with the same
-        body gives its job again (created False); with another body, 422."""
+        body gives its job again (created False); with another body, 422. Requests with the same
+        key's same Idempotency-Key take turns on this replica, so those sent at once make one
+        job (across replicas, see docs/gateway.md "Limits today")."""
+        if idem is None:
+            return await self._submit(request, key, body, None)
+        turn = self.idempotency_turns.setdefault((key.key_id, idem), _Turn())
+        turn.users += 1
+        try:
+            async with turn.lock:
+                return await self._submit(request, key, body, idem)
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self.idempotency_turns[(key.key_id, idem)]
+
+    async def _submit(
+        self, request: Request, key: ApiKey, body: GenerationBody, idem: str | None
+    ) -> tuple[Job, bool]:
         digest = _body_hash(body)
         now_ms = int(time.time() * 1000)
         ttl_ms = int(self.gw.idempotency_ttl_s * 1000)
@@ -510,11 +560,23 @@ JobsKey = Annotated[ApiKey, Depends(_needs("jobs"))]
 ImagesKey = Annotated[ApiKey, Depends(_needs("images"))]
 
 
-def _prefer_wait(prefer: str | None) -> float | None:
-    if not prefer:
-        return None
-    m = re.search(r"(?:^|[,;\s])wait=(\d{1,6})(?:$|[,;\s])", prefer)
-    return float(m[1]) if m else None
+#: RFC 7240's `wait` preference: a case-insensitive token, optional whitespace around "=", the
+#: delta-seconds bare or quoted
+_PREFER_WAIT = re.compile(r'(?:^|,)\s*wait\s*=\s*("?)([0-9]+)\1\s*(?=$|[,;])', re.IGNORECASE)
+
+
+def _prefer_wait(prefer: str | None, most: float) -> float | None:
+    """The seconds `Prefer: wait=N` asks for, at most `most`; None without a valid one."""
+    m = _PREFER_WAIT.search(prefer or "")
+    return min(float(m[2]), most) if m else None
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """RFC 9110's weak comparison of `If-None-Match` (a list of tags, or *) with `etag`."""
+    if not if_none_match:
+        return False
+    tags = [t.strip().removeprefix("W/") for t in if_none_match.split(",")]
+    return "*" in tags or etag in tags
 
 
 def create_app(
@@ -559,6 +621,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # diffusers' scheduler classes are looked up once (about a second), not in a request
+        await asyncio.to_thread(resolve_scheduler, "euler")
         await gw.backend.start()
         try:
             yield
@@ -567,7 +631,11 @@ def create_app(
                 task.cancel()
             await gw.backend.stop()
 
-    app = FastAPI(
+    # /docs: Swagger UI from files the fastapi-offline package ships, served under /docs/assets
+    # (FastAPI's own page loads them from a CDN: blank where the gateway has no internet)
+    app = FastAPIOffline(
+        redoc_url=None,
+        static_url="/docs/assets",
         title="orchestrator gateway",
         version="1",
         lifespan=lifespan,
@@ -610,8 +678,9 @@ def create_app(
         ]
         return JSONResponse(status_code=422, content={"detail": errors})
 
-    app.add_middleware(RouteMetrics, gateway=gw)
     app.add_middleware(BodyLimit, limit=gateway.max_body_bytes)
+    # outermost: counts the body limit's 413s too (route "unmatched" when refused before routing)
+    app.add_middleware(RouteMetrics, gateway=gw)
 
     @app.post("/v1/images/generations", tags=["openai"])
     async def generations(request: Request, body: GenerationBody, key: GenKey) -> Response:
@@ -657,11 +726,10 @@ def create_app(
     ) -> Response:
         with gw.slot(key):
             job, created = await gw.submit(request, key, body, idempotency_key)
-            wait = _prefer_wait(prefer)
+            wait = _prefer_wait(prefer, gateway.max_prefer_wait_s)
             headers = {"Location": f"/v1/jobs/{job.job_id}"}
             if wait is not None:
-                headers["Preference-Applied"] = f"wait={int(wait)}"
-                wait = min(wait, gateway.max_prefer_wait_s)
+                headers["Preference-Applied"] = f"wait={wait:g}"  # the wait applied: bounded
                 job = await gw.backend.wait_job(job.job_id, wait) or job
         code = 200 if job.terminal or not created else 202
         return JSONResponse(gw.job_json(job), status_code=code, headers=headers)
@@ -682,7 +750,10 @@ def create_app(
         "/v1/jobs/{job_id}/events",
         tags=["jobs"],
         response_class=StreamingResponse,
-        responses={200: {"content": {"text/event-stream": {}}}},
+        responses={
+            200: {"content": {"text/event-stream": {}}},
+            204: {"description": "`Last-Event-ID` is the outcome's: the stream has ended"},
+        },
     )
     async def job_events(
         job_id: str,
@@ -691,7 +762,13 @@ def create_app(
         last_event_id: Annotated[str | None, Header(max_length=32)] = None,
     ) -> Response:
         job = await gw.job_for(key, job_id)
-        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        # an id this stream did not send (not ASCII digits: "abc", "-1", "²") replays it all
+        resumed = re.fullmatch(r"[0-9]{1,18}", last_event_id or "")
+        after = int(resumed[0]) if resumed else 0
+        if job.terminal and after > len(job.events):
+            # the client has the outcome (its id is one past the progress events): a 204 tells
+            # an EventSource to stop reconnecting, not to get the outcome again every few seconds
+            return Response(status_code=204)
 
         async def stream() -> AsyncIterator[bytes]:
             sent = after
@@ -705,7 +782,10 @@ def create_app(
                 ]
                 sent = max(sent, len(current.events))
                 if current.terminal:
-                    chunk.append(f"event: outcome\ndata: {json.dumps(gw.job_json(current))}\n\n")
+                    chunk.append(
+                        f"id: {sent + 1}\nevent: outcome\n"
+                        f"data: {json.dumps(gw.job_json(current))}\n\n"
+                    )
                     yield "".join(chunk).encode()
                     return
                 if chunk:
@@ -727,9 +807,12 @@ def create_app(
         "/v1/images/{job_id}/{index}.png",
         tags=["images"],
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}}},
+        responses={
+            200: {"content": {"image/png": {}}},
+            304: {"description": "`If-None-Match` names the image's ETag"},
+        },
     )
-    async def get_image(job_id: str, index: int, key: ImagesKey) -> Response:
+    async def get_image(request: Request, job_id: str, index: int, key: ImagesKey) -> Response:
         job = await gw.job_for(key, job_id)
         png = await gw.image_bytes(job, index)
         if png is None and not job.terminal:
@@ -738,14 +821,13 @@ def create_app(
             png = await gw.image_bytes(job, index)
         if png is None:
             return JSONResponse(status_code=404, content={"detail": "no such image"})
-        return Response(
-            png,
-            media_type="image/png",
-            headers={
-                "Cache-Control": "private, max-age=31536000, immutable",
-                "ETag": f'"{hashlib.sha256(png).hexdigest()[:32]}"',
-            },
-        )
+        cache = {
+            "Cache-Control": "private, max-age=31536000, immutable",
+            "ETag": f'"{hashlib.sha256(png).hexdigest()[:32]}"',
+        }
+        if _etag_matches(request.headers.get("if-none-match"), cache["ETag"]):
+            return Response(status_code=304, headers=cache)
+        return Response(png, media_type="image/png", headers=cache)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

@@ -37,7 +37,13 @@ from tests.integration.service_harness import make_settings, running_service
 pytestmark = pytest.mark.integration
 
 PNG = b"\x89PNG\r\n\x1a\n"
-KEYS = {"alice": "alice-key-1", "bob": "bob-key-2", "carol": "carol-key-3", "slow": "slow-key-4"}
+KEYS = {
+    "alice": "alice-key-1",
+    "bob": "bob-key-2",
+    "carol": "carol-key-3",
+    "slow": "slow-key-4",
+    "edge": "edge-key-5",  # the edge tests': many requests in a row, never rate limited
+}
 WEBHOOK_SECRET = "whsec-test"
 
 
@@ -55,6 +61,12 @@ def _keys_file(path: Path) -> Path:
             "sha256": hashlib.sha256(KEYS["slow"].encode()).hexdigest(),
             "rate_per_s": 0.2,
             "burst": 2,
+        },
+        {
+            "id": "edge",
+            "sha256": hashlib.sha256(KEYS["edge"].encode()).hexdigest(),
+            "rate_per_s": 1000,
+            "burst": 1000,
         },
     ]
     path.write_text(json.dumps({"keys": entries}))
@@ -236,6 +248,18 @@ async def test_sync_generation_answers_openai_shape_b64_and_url(stack: Stack) ->
         assert r.headers["Content-Type"] == "image/png"
         assert "max-age" in r.headers["Cache-Control"] and r.headers["ETag"]
         assert (await r.read()) == png  # same seed, same prompt, same first image
+        etag = r.headers["ETag"]
+    for tags in (etag, f'"other", W/{etag}', "*"):
+        async with stack.http.get(
+            f"{stack.b.url}{urls[0]}", headers={**auth("alice"), "If-None-Match": tags}
+        ) as r:
+            assert r.status == 304, tags
+            assert r.headers["ETag"] == etag and "max-age" in r.headers["Cache-Control"]
+            assert await r.read() == b""
+    async with stack.http.get(
+        f"{stack.b.url}{urls[0]}", headers={**auth("alice"), "If-None-Match": '"other"'}
+    ) as r:
+        assert r.status == 200 and (await r.read()) == png
     async with stack.http.get(f"{stack.b.url}{urls[0]}", headers=auth("bob")) as r:
         assert r.status == 404
 
@@ -355,12 +379,22 @@ async def test_bad_input_413_422_429(stack: Stack) -> None:
         ({"prompt": "x", "steps": 151}, "steps"),
         ({"prompt": "x", "size": "big"}, "size"),
         ({"prompt": "x", "size": "4096x4096"}, "size"),
+        ({"prompt": "x", "size": "64x64\n"}, "size"),
         ({"prompt": "x", "priority": "urgent"}, "priority"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": "x", "n": 99}, "n"),
+        # refused here, as the service would refuse them (not a 202 and a failed job)
+        ({"prompt": " \n\t "}, "prompt"),
+        ({"prompt": "x", "scheduler": "nope"}, "scheduler"),
+        # wrong JSON types are refused, not cast
+        ({"prompt": "x", "n": "2"}, "n"),
+        ({"prompt": "x", "n": True}, "n"),
+        ({"prompt": "x", "steps": 2.0}, "steps"),
+        ({"prompt": "x", "seed": "7"}, "seed"),
+        ({"prompt": "x", "preview": "yes"}, "preview"),
     ]
     for body, field in cases:
-        status, answer = await post_job(stack, stack.a, body)
+        status, answer = await post_job(stack, stack.a, body, "edge")
         assert status == 422, (body, answer)
         assert answer["detail"][0]["loc"][-1] == field, (body, answer)
     async with stack.http.post(
@@ -374,6 +408,88 @@ async def test_bad_input_413_422_429(stack: Stack) -> None:
             if r.status == 429:
                 assert int(r.headers["Retry-After"]) >= 1
     assert statuses[:2] == [404, 404] and 429 in statuses[2:], statuses
+
+
+async def test_a_chunked_body_over_the_limit_is_a_counted_413(stack: Stack) -> None:
+    """No Content-Length to refuse it by: the 413 comes as the body is read (not FastAPI's 400
+    for an error while it reads one), and /metrics counts it."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"prompt": "'
+        for _ in range(20):
+            yield b"x" * 8192
+        yield b'"}'
+
+    async with stack.http.post(
+        f"{stack.b.url}/v1/jobs",
+        data=chunks(),
+        headers={**auth("edge"), "Content-Type": "application/json"},
+    ) as r:
+        assert r.status == 413, await r.text()
+    async with stack.http.get(f"{stack.b.url}/metrics") as r:
+        assert 'method="POST",route="/v1/jobs",status="413"' in await r.text()
+
+
+async def test_prefer_wait_as_rfc_7240_spells_it_and_bounded(stack: Stack) -> None:
+    """Any case, spaces around "=", a quoted value; a wait past `max_prefer_wait_s` is applied,
+    and said applied, as that bound."""
+    for prefer, applied in (
+        ("wait=99999999", "wait=60"),
+        ('respond-async, WAIT = "30"', "wait=30"),
+    ):
+        async with stack.http.post(
+            f"{stack.a.url}/v1/jobs",
+            json={"prompt": "p", "steps": 2},
+            headers={**auth("edge"), "Prefer": prefer},
+        ) as r:
+            job = await r.json()
+            assert r.status == 200 and job["status"] == "succeeded", (prefer, job)
+            assert r.headers["Preference-Applied"] == applied, prefer
+
+
+async def test_one_idempotency_key_sent_at_once_makes_one_job(stack: Stack) -> None:
+    key = f"idem-{uuid.uuid4().hex}"
+    answers = await asyncio.gather(
+        *[
+            post_job(
+                stack, stack.a, {"prompt": "once", "steps": 2}, "edge", **{"Idempotency-Key": key}
+            )
+            for _ in range(5)
+        ]
+    )
+    assert len({job["id"] for _, job in answers}) == 1, answers
+    assert sorted(status for status, _ in answers) == [200, 200, 200, 200, 202]
+
+
+async def test_a_last_event_id_not_sent_by_the_stream_replays_it(stack: Stack) -> None:
+    """Raw requests, for the byte 0xB2 ("²" in latin-1: a digit to str.isdigit, not to int):
+    the whole stream again, never a 500."""
+    status, job = await post_job(stack, stack.a, {"prompt": "resume", "steps": 2}, "edge")
+    assert status == 202, job
+    for last in (b"\xb2", b"abc", b"-1"):
+        reader, writer = await asyncio.open_connection("127.0.0.1", stack.b.port)
+        writer.write(
+            b"GET /v1/jobs/" + job["id"].encode() + b"/events HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + KEYS["edge"].encode() + b"\r\n"
+            b"Last-Event-ID: " + last + b"\r\nConnection: close\r\n\r\n"
+        )
+        answer = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+        assert b"\nid: 1\n" in answer and b"event: outcome" in answer, answer[:300]
+    assert "Traceback" not in stack.b.output()
+    # the outcome has an id too; reconnecting with it (an EventSource does, by itself, when
+    # the stream ends) is a 204, which ends its reconnecting
+    events = await read_events(
+        stack.http, f"{stack.b.url}/v1/jobs/{job['id']}/events", auth("edge")
+    )
+    ids = [e[0] for e in events]
+    assert events[-1][1] == "outcome" and ids == [str(i) for i in range(1, len(events) + 1)], ids
+    async with stack.http.get(
+        f"{stack.b.url}/v1/jobs/{job['id']}/events",
+        headers={**auth("edge"), "Last-Event-ID": ids[-1]},
+    ) as r:
+        assert r.status == 204 and await r.read() == b""
 
 
 async def test_webhook_signed_and_retried(stack: Stack) -> None:
@@ -461,6 +577,16 @@ async def test_kafka_down_is_503_with_retry_after(tmp_path: Path, kafka: Any, tr
                 ) as r:
                     assert r.status == 503, await r.text()
                     assert r.headers["Retry-After"] == "5"
+                # a job this replica does not know may well be on the topics: not a 404
+                for method, path in (
+                    ("GET", "/v1/jobs/gw-unknown"),
+                    ("GET", "/v1/jobs/gw-unknown/events"),
+                    ("POST", "/v1/jobs/gw-unknown/cancel"),
+                    ("GET", "/v1/images/gw-unknown/0.png"),
+                ):
+                    async with http.request(method, f"{gw.url}{path}", headers=auth("alice")) as r:
+                        assert r.status == 503, (path, await r.text())
+                        assert r.headers["Retry-After"] == "5"
                 deadline = time.monotonic() + 30
                 while True:
                     async with http.get(f"{gw.url}/readyz") as r:
@@ -603,6 +729,35 @@ async def test_playground_in_headless_chromium(stack: Stack, tmp_path: Path) -> 
             shot = tmp_path / "playground.png"
             await page.screenshot(path=str(shot), full_page=True)
             assert shot.read_bytes().startswith(PNG)
+        finally:
+            await browser.close()
+
+
+async def test_docs_render_in_headless_chromium_with_no_other_host(stack: Stack) -> None:
+    """/docs is Swagger UI from the gateway's own files: with every request to another host
+    refused, the page still shows the API's operations."""
+    from playwright.async_api import Route, async_playwright
+
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            elsewhere: list[str] = []
+
+            async def only_the_gateway(route: Route) -> None:
+                if route.request.url.startswith(stack.a.url + "/"):
+                    await route.continue_()
+                else:
+                    elsewhere.append(route.request.url)
+                    await route.abort()
+
+            await page.route("**/*", only_the_gateway)
+            await page.goto(f"{stack.a.url}/docs")
+            await page.wait_for_selector(
+                '.opblock-summary-path[data-path="/v1/jobs/{job_id}/events"]', timeout=30_000
+            )
+            assert "orchestrator gateway" in await page.inner_text(".swagger-ui .info")
+            assert not elsewhere, elsewhere
         finally:
             await browser.close()
 
