@@ -107,8 +107,11 @@ class _Refused(Exception):
         self.response = response
 
 
-def _to_request(body: GenerationBody, job_id: str, settings: Settings) -> GenerationRequest:
-    """The service's request, checked against the service's limits (ValidationError)."""
+def _to_request(
+    body: GenerationBody, job_id: str, settings: Settings, size_multiple: int = 8
+) -> GenerationRequest:
+    """The service's request, checked against the service's limits and the model's size unit
+    (ValidationError)."""
     limits = settings.limits()
     width = height = None
     if body.size is not None:
@@ -116,6 +119,10 @@ def _to_request(body: GenerationBody, job_id: str, settings: Settings) -> Genera
         if m is None:
             raise ValidationError("size", f'must be "WxH", e.g. "512x512", got {body.size!r}')
         width, height = int(m[1]), int(m[2])
+        if width % size_multiple or height % size_multiple:
+            raise ValidationError(
+                "size", f"width and height must be multiples of {size_multiple}, got {body.size}"
+            )
         if width > limits.max_width or height > limits.max_height:
             raise ValidationError(
                 "size", f"at most {limits.max_width}x{limits.max_height}, got {body.size}"
@@ -488,7 +495,7 @@ class Gateway:
                 raise _Refused(_field_error("webhook", "webhooks are not enabled on this gateway"))
         job_id = f"{JOB_ID_PREFIX}{uuid.uuid4().hex}"
         try:
-            gen = _to_request(body, job_id, self.settings)
+            gen = _to_request(body, job_id, self.settings, self.gw.size_multiple)
         except ValidationError as exc:
             raise _Refused(_field_error(exc.field, str(exc))) from exc
         reg = Registration(
@@ -803,8 +810,9 @@ def create_app(
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
-    @app.get(
+    @app.api_route(
         "/v1/images/{job_id}/{index}.png",
+        methods=["GET", "HEAD"],  # HEAD: the headers alone (caches, link checkers)
         tags=["images"],
         response_class=Response,
         responses={

@@ -39,6 +39,15 @@ class GatewaySettings(BaseSettings):
     max_concurrent: int = Field(
         8, ge=1, le=10_000, description="default per-key requests in flight at once"
     )
+    size_multiple: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="width and height of `size` must be multiples of this: the deployed "
+        "model's unit (its repository's `size_multiple` parameter: 64 for SD 1.5-shaped UNets, "
+        "8 for the tiny preset); 8, the VAE's factor, is what every SD-family model needs. "
+        "The service still checks the model's own unit",
+    )
     webhook_secret: SecretStr | None = Field(
         None, description="HMAC-SHA256 key signing webhook calls (unset: webhooks refused)"
     )

@@ -260,6 +260,10 @@ async def test_sync_generation_answers_openai_shape_b64_and_url(stack: Stack) ->
         f"{stack.b.url}{urls[0]}", headers={**auth("alice"), "If-None-Match": '"other"'}
     ) as r:
         assert r.status == 200 and (await r.read()) == png
+    async with stack.http.head(f"{stack.b.url}{urls[0]}", headers=auth("alice")) as r:
+        assert r.status == 200 and r.headers["ETag"] == etag
+        assert r.headers["Content-Type"] == "image/png"
+        assert int(r.headers["Content-Length"]) == len(png) and await r.read() == b""
     async with stack.http.get(f"{stack.b.url}{urls[0]}", headers=auth("bob")) as r:
         assert r.status == 404
 

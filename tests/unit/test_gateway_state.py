@@ -152,3 +152,19 @@ def test_webhook_verify_refuses_forged_headers_without_raising() -> None:
     assert not webhook.verify(b"s3cret", b"{}", "t=" + "9" * 400 + ",v1=00", now=1000)
     assert not webhook.verify(b"s3cret", b"{}", "t=-1000,v1=00", now=1000)
     assert not webhook.verify(b"s3cret", b"{}", "t=١٠٠٠,v1=00", now=1000)
+
+
+def test_size_must_be_a_multiple_of_the_models_unit() -> None:
+    # refused at the door (422 naming size), not accepted and dead-lettered by the service
+    from orchestrator.config import load_settings
+    from orchestrator.errors import ValidationError
+    from orchestrator.gateway.app import GenerationBody, _to_request
+
+    settings = load_settings(None)
+    ok = _to_request(GenerationBody(prompt="a", size="512x576"), "j1", settings, 64)
+    assert (ok.width, ok.height) == (512, 576)
+    for size, unit in (("63x64", 8), ("64x63", 8), ("520x512", 64)):
+        with pytest.raises(ValidationError) as refused:
+            _to_request(GenerationBody(prompt="a", size=size), "j1", settings, unit)
+        assert refused.value.field == "size" and str(unit) in str(refused.value)
+    assert _to_request(GenerationBody(prompt="a", size="520x512"), "j1", settings, 8).width == 520
