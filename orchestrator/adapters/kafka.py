@@ -2,7 +2,8 @@
 
 - :class:`KafkaSettings`: every broker setting (bootstrap, security protocol, SASL, TLS).
 - :class:`KafkaProducerAdapter`: publishes and waits for the broker's acknowledgement
-  (``acks="all"``), enforces a record size limit itself, maps Kafka errors to PublishError.
+  (``acks="all"``), enforces a record size limit itself, maps Kafka errors to PublishError;
+  ``publish_together`` appends several records in the caller's step and waits for all of them.
 - :class:`KafkaConsumerAdapter`: a consumer group without auto-commit; every consumed record is
   tracked by an :class:`OffsetTracker` and only offsets whose result or dead letter was
   acknowledged (and all before them) are committed.
@@ -124,9 +125,7 @@ class KafkaSettings:
 # headers
 
 
-def header_value(
-    headers: Iterable[tuple[str, bytes | None]] | None, name: str
-) -> bytes | None:
+def header_value(headers: Iterable[tuple[str, bytes | None]] | None, name: str) -> bytes | None:
     """The last value of header ``name`` (Kafka allows repeats), or None (absent or null)."""
     found: bytes | None = None
     for key, value in headers or ():
@@ -279,6 +278,21 @@ class KafkaProducerAdapter:
         if producer is not None:
             await producer.stop()
 
+    def _check_size(
+        self,
+        topic: str,
+        value: bytes | None,
+        key: bytes | None,
+        headers: Sequence[tuple[str, bytes | None]],
+    ) -> None:
+        size = record_size(value, key, headers)
+        if size > self.max_record_bytes:
+            raise RecordTooLargeError(
+                f"record for {topic} is {size} bytes, over the limit of "
+                f"{self.max_record_bytes} bytes",
+                stage="publish",
+            )
+
     async def publish(
         self,
         topic: str,
@@ -293,13 +307,7 @@ class KafkaProducerAdapter:
         """
         if self._producer is None:
             raise RuntimeError("producer not started")
-        size = record_size(value, key, headers)
-        if size > self.max_record_bytes:
-            raise RecordTooLargeError(
-                f"record for {topic} is {size} bytes, over the limit of "
-                f"{self.max_record_bytes} bytes",
-                stage="publish",
-            )
+        self._check_size(topic, value, key, headers)
         try:
             return await self._producer.send_and_wait(
                 topic, value=value, key=key, headers=list(headers)
@@ -310,6 +318,91 @@ class KafkaProducerAdapter:
             raise PublishError(
                 f"timed out waiting for acknowledgement from {topic}", stage="publish"
             ) from exc
+
+    async def publish_together(
+        self, records: Sequence[OutgoingRecord], timeout_s: float
+    ) -> list[RecordMetadata | PublishError]:
+        """Append every record in the caller's own step, then wait for all their
+        acknowledgements, `timeout_s` at most in all. One outcome per record, in order: its
+        metadata, or the :class:`PublishError` saying why it was not acknowledged in time (one
+        that timed out here may still reach the broker later, as after any producer timeout).
+
+        No task is started (no ``gather``, no ``wait_for``): with the topics' metadata known,
+        the records are in the producer's batches before the caller first yields, so records
+        for one broker usually leave in one produce request, and in a burst of callers none
+        waits for a task's turn on the event loop before its records are even appended.
+        """
+        if self._producer is None:
+            raise RuntimeError("producer not started")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        pending: list[asyncio.Future[RecordMetadata] | PublishError] = []
+        try:
+            async with asyncio.timeout_at(deadline):  # only if a send must wait for metadata
+                for record in records:
+                    pending.append(await self._append(record))
+        except TimeoutError:
+            pass
+        for record in records[len(pending) :]:
+            pending.append(_timed_out(record.topic))
+        futures = [f for f in pending if isinstance(f, asyncio.Future)]
+        if futures and deadline > loop.time():
+            await asyncio.wait(futures, timeout=deadline - loop.time())
+        return [_outcome(record.topic, f) for record, f in zip(records, pending, strict=True)]
+
+    async def _append(
+        self, record: OutgoingRecord
+    ) -> asyncio.Future[RecordMetadata] | PublishError:
+        try:
+            self._check_size(record.topic, record.value, record.key, record.headers)
+            future: asyncio.Future[RecordMetadata] = await self._producer.send(
+                record.topic, value=record.value, key=record.key, headers=list(record.headers)
+            )
+        except PublishError as exc:
+            return exc
+        except KafkaError as exc:
+            return publish_error(record.topic, exc)
+        return future
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OutgoingRecord:
+    """One record for :meth:`KafkaProducerAdapter.publish_together`."""
+
+    topic: str
+    value: bytes | None
+    key: bytes | None = None
+    headers: Sequence[tuple[str, bytes | None]] = ()
+
+
+def _timed_out(topic: str) -> PublishError:
+    return PublishError(f"timed out waiting for acknowledgement from {topic}", stage="publish")
+
+
+def _outcome(
+    topic: str, sent: asyncio.Future[RecordMetadata] | PublishError
+) -> RecordMetadata | PublishError:
+    if isinstance(sent, PublishError):
+        return sent
+    if not sent.done():
+        # still in the producer's hands: its outcome comes later, and nobody asks for it
+        sent.add_done_callback(_forget)
+        return _timed_out(topic)
+    if sent.cancelled():
+        return PublishError(f"send to {topic} was cancelled", stage="publish")
+    exc = sent.exception()
+    if isinstance(exc, KafkaError):
+        return publish_error(topic, exc)
+    if exc is not None:
+        return PublishError(
+            f"broker did not acknowledge record for {topic}: {exc!r}", stage="publish"
+        )
+    return sent.result()
+
+
+def _forget(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: no "exception was never retrieved" warning
 
 
 # ---------------------------------------------------------------------------------------------

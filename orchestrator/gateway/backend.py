@@ -31,6 +31,7 @@ from orchestrator.adapters.kafka import (
     DLQ_ERROR_STAGE,
     KafkaProducerAdapter,
     KafkaSettings,
+    OutgoingRecord,
     header_str,
 )
 from orchestrator.domain import GenerationRequest
@@ -283,28 +284,33 @@ class Backend:
     async def submit(
         self, reg: Registration, request: GenerationRequest, headers: list[Any]
     ) -> None:
-        """Publish the job's registration and its request, both at once (one produce round
-        trip, not two in a row), and return when both are acknowledged: a GET on any replica
-        after this returns finds both. The book takes records in any order, so an answer that
-        overtakes the registration on another replica's tail is kept until it comes.
+        """Publish the job's registration and its request, both appended in this step (one
+        produce round trip, not two in a row), and return when both are acknowledged: a GET on
+        any replica after this returns finds both. The book takes records in any order, so an
+        answer that overtakes the registration on another replica's tail is kept until it comes.
 
         If one is not acknowledged the caller answers 503: a request sent without its
         registration is cancelled (best effort: nobody could follow it); a registration whose
         request was not sent stays queued, as it would if the gateway died between the two."""
         value = self.codec.encode_request(request, reply_topic=self.reply_topic)
-        registered, submitted = await asyncio.gather(
-            self._publish(self.registry_topic, reg.encode(), reg.job_id, []),
-            self._publish(self.request_topic, value, request.request_id, headers),
-            return_exceptions=True,
-        )
-        if registered is None:
+        try:
+            registered, submitted = await self.producer.publish_together(
+                [
+                    OutgoingRecord(self.registry_topic, reg.encode(), reg.job_id.encode()),
+                    OutgoingRecord(self.request_topic, value, request.request_id.encode(), headers),
+                ],
+                timeout_s=self.timeout_ms / 1000 + 1,
+            )
+        except RuntimeError as exc:  # not started, or stopped
+            raise KafkaUnavailable(f"cannot publish: {exc}") from exc
+        if not isinstance(registered, PublishError):
             self.book.register(reg)
-        elif submitted is None:
+        elif not isinstance(submitted, PublishError):
             with contextlib.suppress(KafkaUnavailable):
                 await self.cancel(reg.job_id, "the gateway could not register the job")
-        for outcome in (registered, submitted):
-            if isinstance(outcome, BaseException):
-                raise outcome
+        for topic, outcome in ((self.registry_topic, registered), (self.request_topic, submitted)):
+            if isinstance(outcome, PublishError):
+                raise KafkaUnavailable(f"cannot publish to {topic}: {outcome}") from outcome
 
     async def cancel(self, job_id: str, reason: str | None) -> None:
         record = ControlCommandRecord(COMMAND_CANCEL, job_id, int(time.time() * 1000), reason)

@@ -1,6 +1,6 @@
 """The gateway backend's waiting and publishing rules, and the server's parser and loop choice,
-without a broker: records are applied to the book as the tail would apply them, and `_publish`
-is replaced by a recorder (the real publishing is tests/integration/test_gateway.py's)."""
+without a broker: records are applied to the book as the tail would apply them, and the
+producer is replaced by a recorder (the real publishing is tests/integration/test_gateway.py's)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from orchestrator.adapters.avro import AvroCodec, ProgressEventRecord
-from orchestrator.adapters.kafka import KafkaSettings
+from orchestrator.adapters.kafka import KafkaSettings, OutgoingRecord
 from orchestrator.domain import GenerationRequest, JobEvent
+from orchestrator.errors import PublishError
 from orchestrator.gateway import server
 from orchestrator.gateway.backend import Backend, KafkaUnavailable
 from orchestrator.gateway.jobs import Registration
@@ -80,27 +81,30 @@ async def test_a_cancelled_waiter_leaves_nothing_behind() -> None:
 
 
 class _Published:
-    """Stands in for `Backend._publish`: records the topics, fails those in `failing`."""
+    """Stands in for the backend's producer: records the topics, fails those in `failing`."""
 
     def __init__(self, failing: set[str]) -> None:
         self.failing = failing
         self.topics: list[str] = []
-        self.in_flight = 0
         self.most_in_flight = 0
 
-    async def __call__(self, topic: str, value: bytes, key: str, headers: list[Any]) -> None:
-        self.topics.append(topic)
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+    async def publish_together(
+        self, records: list[OutgoingRecord], timeout_s: float
+    ) -> list[object]:
+        self.topics += [r.topic for r in records]
+        self.most_in_flight = max(self.most_in_flight, len(records))
         await asyncio.sleep(0.01)
-        self.in_flight -= 1
+        return [PublishError(r.topic) if r.topic in self.failing else r for r in records]
+
+    async def publish(self, topic: str, value: bytes, key: bytes, headers: list[Any]) -> None:
+        self.topics.append(topic)
         if topic in self.failing:
-            raise KafkaUnavailable(f"cannot publish to {topic}")
+            raise PublishError(topic)
 
 
 def _job(backend: Backend, failing: set[str]) -> tuple[_Published, Registration]:
     published = _Published(failing)
-    backend._publish = published  # type: ignore[method-assign]
+    backend.producer = published  # type: ignore[assignment]
     reg = Registration(job_id="gw-1", owner="alice", created_ms=1, body_sha256="h")
     return published, reg
 
