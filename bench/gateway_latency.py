@@ -16,12 +16,26 @@ answer record's time) is the path's own latency with the service's time (queuein
 taken out. Its spread is a fraction of the end-to-end one, so it resolves milliseconds where
 end-to-end p50s, which carry the service's jitter, do not (the clocks are one machine's).
 
+For the gateway paths the observer also reads the job registry: a registration's `created_ms` is
+when the gateway's handler began `Gateway.submit`, which splits their `in` part into the start
+to the handler (HTTP, the gateway's event loop, FastAPI's validation) and the handler to the
+appended request record.
+
+The HTTP paths' client (`--http-client`) is by default a lean HTTP/1.1 keep-alive connection per
+worker that writes each request in the worker's own step, as the Kafka client appends its record
+in its own: aiohttp (`--http-client aiohttp`, this bench's client before) writes a request from a
+task of its own on Python 3.11, so at concurrency 32 each request waited for that task's turn on
+this process's event loop, and that wait counted as the gateway's. `aiohttp,lean` measures both,
+one after the other, at each concurrency. Each point also gives this process's CPU share and how
+late its event loop ran a 5 ms timer (p50 / p95).
+
 At concurrency C, C workers run closed loops; worker i's k-th request takes path (i + k) mod 3, so
 the three paths are interleaved over the same seconds of the same service and share its load and
 this noisy machine's. Target: gateway p50 - kafka p50 <= 5 ms.
 
     .venv/bin/python bench/gateway_latency.py [--concurrency 1,32] [--requests 60] [--steps 4]
-        [--client-linger-ms 0] [--gateway-nice N] [--gateway-env ORCHESTRATOR_GATEWAY_X=V ...]
+        [--http-client lean|aiohttp|aiohttp,lean] [--client-linger-ms 0] [--gateway-nice N]
+        [--gateway-env ORCHESTRATOR_GATEWAY_X=V ...]
 
 `--gateway-nice -10` runs the gateway ahead of other processes for the CPU, as a gateway on
 cores of its own would be: what it takes off the added latency is time spent waiting for a core.
@@ -53,11 +67,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httptools
 
 from orchestrator.adapters.child_process import free_port, spawn, stop_process_group
 from orchestrator.adapters.kafka import CORRELATION_ID_HEADER, KafkaProducerAdapter, header_str
@@ -66,6 +83,7 @@ from orchestrator.adapters.triton_server import TritonServer
 from orchestrator.client import Client, tail
 from orchestrator.config import Settings, load_settings
 from orchestrator.domain import GenerationRequest
+from orchestrator.gateway.jobs import Registration
 from orchestrator.models.build import ensure_preset
 
 PATHS = ("kafka", "sync", "events")
@@ -106,16 +124,115 @@ async def wait_http_ready(url: str, process: subprocess.Popen[bytes], log: Path)
             await asyncio.sleep(0.1)
 
 
+class Lean(asyncio.Protocol):
+    """A lean HTTP/1.1 keep-alive connection, one request at a time: the request's bytes are
+    written in the caller's own step (as the Kafka client appends its record), and the response
+    is parsed by httptools as it comes. aiohttp, on Python 3.11, writes a request's headers and
+    body from a task of its own, so each request's first byte waits for that task's turn behind
+    everything else ready on this process's event loop: at concurrency 32 that queueing counted
+    as the gateway's."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.transport: asyncio.Transport | None = None
+        self.status = 0
+        self.body = bytearray()
+        self._parser = httptools.HttpResponseParser(self)
+        self._changed: asyncio.Future[None] | None = None
+        self.complete = True
+        self.error: BaseException | None = None
+
+    async def connect(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            loop = asyncio.get_running_loop()
+            await loop.create_connection(lambda: self, self.host, self.port)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport, self.error = transport, None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        if not self.complete:
+            self.error = exc or ConnectionError("connection closed mid-response")
+            self._wake()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.error = exc
+            self._wake()
+
+    def on_headers_complete(self) -> None:
+        self.status = self._parser.get_status_code()
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+
+    def send(self, method: str, target: str, auth: str, body: bytes = b"") -> None:
+        """Write the request now (after `connect`, with the last response complete)."""
+        assert self.transport is not None and self.complete
+        self.status, self.body, self.complete = 0, bytearray(), False
+        self._parser = httptools.HttpResponseParser(self)
+        head = (
+            f"{method} {target} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Authorization: {auth}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.transport.write(head.encode() + body)
+
+    async def until(self, done: Callable[[], bool]) -> None:
+        """Until `done()` holds (checked on each piece of the response) or the response ends."""
+        while not done() and not self.complete:
+            if self.error is not None:
+                raise self.error
+            self._changed = asyncio.get_running_loop().create_future()
+            await self._changed
+        if not done() and self.error is not None:
+            raise self.error
+
+
+def outcome_of(stream: bytes) -> str | None:
+    """The status in an events stream's `outcome` event, once it has come whole."""
+    at = stream.find(b"event: outcome\ndata: ")
+    if at < 0:
+        return None
+    end = stream.find(b"\n\n", at)
+    if end < 0:
+        return None
+    return str(json.loads(stream[at + 21 : end])["status"])
+
+
 class Paths:
-    def __init__(self, client: Client, http: aiohttp.ClientSession, url: str, steps: int) -> None:
-        self.client, self.http, self.url, self.steps = client, http, url, steps
+    def __init__(
+        self, client: Client, http: aiohttp.ClientSession, url: str, steps: int, lean: bool
+    ) -> None:
+        self.client, self.http, self.url, self.steps, self.lean = client, http, url, steps, lean
         self.auth = {"Authorization": f"Bearer {KEY}"}
+        parsed = urllib.parse.urlsplit(url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 80
+        #: each worker's own keep-alive connection (lean client)
+        self.connections: dict[int, Lean] = {}
 
     def body(self, n: int) -> dict[str, Any]:
         return {"prompt": f"a lighthouse, study {n % 7}", "seed": n, "steps": self.steps}
 
-    async def run(self, path: str, n: int) -> Sample:
+    async def run(self, path: str, n: int, worker: int = 0) -> Sample:
         body = self.body(n)
+        conn = None
+        if self.lean and path != "kafka":
+            conn = self.connections.setdefault(worker, Lean(self.host, self.port))
+            await conn.connect()  # before the clock starts: a kept-alive one is already open
         wall = time.time() * 1000
         start = time.perf_counter()
         if path == "kafka":
@@ -124,6 +241,8 @@ class Paths:
             answer = await self.client.generate(req, 300)
             if not answer.ok:
                 raise RuntimeError(f"kafka: {answer.reason}")
+        elif conn is not None:
+            rid = await self._lean(conn, path, json.dumps(body).encode())
         elif path == "sync":
             async with self.http.post(
                 f"{self.url}/v1/images/generations", json=body, headers=self.auth
@@ -154,22 +273,49 @@ class Paths:
                 else:
                     raise RuntimeError("events: stream ended without an outcome")
         elapsed = time.perf_counter() - start
+        if conn is not None:
+            await conn.until(lambda: False)  # the rest of the response, off the clock
         return elapsed, rid, wall, wall + elapsed * 1000
+
+    async def _lean(self, conn: Lean, path: str, body: bytes) -> str:
+        auth = self.auth["Authorization"]
+        if path == "sync":
+            conn.send("POST", "/v1/images/generations", auth, body)
+            await conn.until(lambda: False)
+            if conn.status != 200:
+                raise RuntimeError(f"sync: HTTP {conn.status} {bytes(conn.body[:200])!r}")
+            return str(json.loads(conn.body)["id"])
+        conn.send("POST", "/v1/jobs", auth, body)
+        await conn.until(lambda: False)
+        if conn.status != 202:
+            raise RuntimeError(f"events: POST HTTP {conn.status} {bytes(conn.body[:200])!r}")
+        job_id = str(json.loads(conn.body)["id"])
+        conn.send("GET", f"/v1/jobs/{job_id}/events", auth)
+        await conn.until(lambda: outcome_of(conn.body) is not None)
+        status = outcome_of(conn.body)
+        if status is None:
+            raise RuntimeError(f"events: stream ended without an outcome (HTTP {conn.status})")
+        if status != "succeeded":
+            raise RuntimeError(f"events: job {status}")
+        return job_id
 
 
 class Observer:
     """Tails the request and response topics and keeps each record's CreateTime (ms) by request
     id: when the request left its producer, and when the service produced the answer."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, registry_topic: str) -> None:
         self.settings = settings
+        self.registry_topic = registry_topic
         self.sent: dict[str, int] = {}
         self.answered: dict[str, int] = {}
+        #: a gateway job's registration: when its handler began `Gateway.submit` (created_ms)
+        self.handled: dict[str, int] = {}
         self._consumer: Any = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        topics = [self.settings.request_topic, self.settings.response_topic]
+        topics = [self.settings.request_topic, self.settings.response_topic, self.registry_topic]
         self._consumer, _ = await tail(self.settings.kafka("-observer"), topics)
         self._task = asyncio.create_task(self._loop())
 
@@ -180,6 +326,9 @@ class Observer:
                 for record in records:
                     if tp.topic == self.settings.request_topic:
                         self.sent[bytes(record.key).decode()] = record.timestamp
+                    elif tp.topic == self.registry_topic:
+                        reg = Registration.decode(bytes(record.value))
+                        self.handled[reg.job_id] = reg.created_ms
                     else:
                         headers = [(k, bytes(v)) for k, v in record.headers or () if v is not None]
                         rid = header_str(headers, CORRELATION_ID_HEADER)
@@ -200,6 +349,15 @@ class Observer:
             if rid in self.sent and rid in self.answered
         ]
 
+    def split_in(self, samples: list[Sample]) -> list[tuple[float, float]]:
+        """A gateway path's `in` part in two: (from its start to its handler's `submit`, from
+        there to its request record), ms."""
+        return [
+            (self.handled[rid] - start, self.sent[rid] - self.handled[rid])
+            for _, rid, start, _ in samples
+            if rid in self.handled and rid in self.sent
+        ]
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -216,7 +374,7 @@ async def measure(paths: Paths, concurrency: int, per_worker: int) -> dict[str, 
     async def worker(i: int) -> None:
         for k in range(per_worker):
             path = PATHS[(i + k) % len(PATHS)]
-            got[path].append(await paths.run(path, next(counter)))
+            got[path].append(await paths.run(path, next(counter), i))
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     return got
@@ -278,6 +436,76 @@ def report(concurrency: int, ms: dict[str, list[float]], what: str) -> str:
     return "\n".join(lines)
 
 
+async def loop_lag(lags: list[float], period_s: float = 0.005) -> None:
+    """How late this process's event loop runs a timer (ms): the queue of ready callbacks
+    every client step here waits behind."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(period_s)
+        lags.append((loop.time() - t0 - period_s) * 1000)
+
+
+async def point(
+    paths: Paths,
+    c: int,
+    requests: int,
+    observer: Observer,
+    http: aiohttp.ClientSession,
+    url: str,
+    gateway: subprocess.Popen[bytes],
+    service: subprocess.Popen[bytes],
+) -> None:
+    per_worker = max(3, (3 * requests) // c)
+    cpu0 = cpu_s(gateway.pid), cpu_s(service.pid), cpu_s(os.getpid())
+    handled0 = await handler_ms(http, url)
+    lags: list[float] = []
+    lag_task = asyncio.create_task(loop_lag(lags))
+    t0 = time.perf_counter()
+    got = await measure(paths, c, per_worker)
+    wall = time.perf_counter() - t0
+    lag_task.cancel()
+    cpu1 = cpu_s(gateway.pid), cpu_s(service.pid), cpu_s(os.getpid())
+    handled1 = await handler_ms(http, url)
+    print(report(c, {p: [x[0] * 1000 for x in v] for p, v in got.items()}, "end to end"))
+    split = {p: await observer.split(v) for p, v in got.items()}
+    outside = {p: [a + b for a, b in v] for p, v in split.items()}
+    print(report(c, outside, "outside the service"), flush=True)
+    print(
+        "  p50 in / out of the service: "
+        + ", ".join(
+            f"{p} {statistics.median(a for a, _ in v):.1f} / "
+            f"{statistics.median(b for _, b in v):.1f} ms"
+            for p, v in split.items()
+        ),
+        flush=True,
+    )
+    parts = {p: observer.split_in(got[p]) for p in ("sync", "events")}
+    print(
+        "  p50 of `in`, start -> handler's submit / submit -> request record: "
+        + ", ".join(
+            f"{p} {statistics.median(a for a, _ in v):.1f} / "
+            f"{statistics.median(b for _, b in v):.1f} ms"
+            for p, v in parts.items()
+            if v
+        )
+    )
+    means = []
+    for route, (n1, s1) in handled1.items():
+        n0, s0 = handled0.get(route, (0.0, 0.0))
+        if n1 > n0:
+            means.append(f"{route} {(s1 - s0) / (n1 - n0) * 1000:.1f} ms")
+    print(f"  gateway's mean time in its POST handlers: {', '.join(means)}")
+    jobs = sum(len(v) for v in got.values())
+    print(
+        f"  CPU per job: gateway {(cpu1[0] - cpu0[0]) / jobs * 1000:.1f} ms "
+        f"(its jobs are 2/3 of them), service {(cpu1[1] - cpu0[1]) / jobs * 1000:.1f} ms; "
+        f"this process {(cpu1[2] - cpu0[2]) / wall * 100:.0f} % of a core, its event loop "
+        f"late by p50 {statistics.median(lags):.1f} / p95 {pct(lags, 0.95):.1f} ms",
+        flush=True,
+    )
+
+
 async def run(broker: TansuBroker, triton: TritonServer, args: argparse.Namespace) -> int:
     tag = uuid.uuid4().hex[:8]
     work = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
@@ -336,7 +564,7 @@ async def run(broker: TansuBroker, triton: TritonServer, args: argparse.Namespac
     if args.gateway_nice:  # set before it starts any thread, so all of its threads have it
         os.setpriority(os.PRIO_PROCESS, gateway.pid, args.gateway_nice)
     client = Client.from_settings(settings)
-    observer = Observer(settings)
+    observer = Observer(settings, registry)
     # the Kafka path's producer as the gateway's (linger 0 unless asked otherwise)
     client.producer = KafkaProducerAdapter(
         settings.kafka("-client"), linger_ms=args.client_linger_ms
@@ -348,8 +576,9 @@ async def run(broker: TansuBroker, triton: TritonServer, args: argparse.Namespac
         timeout = aiohttp.ClientTimeout(total=300)
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
-            paths = Paths(client, http, url, args.steps)
-            await measure(paths, 3, 3)  # warm-up: every path, the service's first calls
+            clients = args.http_client.split(",")
+            for kind in clients:  # warm-up: every path, the service's first calls
+                await measure(Paths(client, http, url, args.steps, kind == "lean"), 3, 3)
             print(
                 f"\ngateway overhead, micro preset, {args.steps}-step requests, "
                 f"{platform.machine()} {os.cpu_count()} cores, load "
@@ -359,40 +588,13 @@ async def run(broker: TansuBroker, triton: TritonServer, args: argparse.Namespac
                 + (f"; gateway nice {args.gateway_nice}" if args.gateway_nice else "")
             )
             for c in (int(x) for x in args.concurrency.split(",")):
-                per_worker = max(3, (3 * args.requests) // c)
-                cpu0 = cpu_s(gateway.pid), cpu_s(service.pid)
-                handled0 = await handler_ms(http, url)
-                got = await measure(paths, c, per_worker)
-                cpu1 = cpu_s(gateway.pid), cpu_s(service.pid)
-                handled1 = await handler_ms(http, url)
-                print(
-                    report(c, {p: [x[0] * 1000 for x in v] for p, v in got.items()}, "end to end")
-                )
-                split = {p: await observer.split(v) for p, v in got.items()}
-                outside = {p: [a + b for a, b in v] for p, v in split.items()}
-                print(report(c, outside, "outside the service"), flush=True)
-                print(
-                    "  p50 in / out of the service: "
-                    + ", ".join(
-                        f"{p} {statistics.median(a for a, _ in v):.1f} / "
-                        f"{statistics.median(b for _, b in v):.1f} ms"
-                        for p, v in split.items()
-                    ),
-                    flush=True,
-                )
-                means = []
-                for route, (n1, s1) in handled1.items():
-                    n0, s0 = handled0.get(route, (0.0, 0.0))
-                    if n1 > n0:
-                        means.append(f"{route} {(s1 - s0) / (n1 - n0) * 1000:.1f} ms")
-                print(f"  gateway's mean time in its POST handlers: {', '.join(means)}")
-                jobs = sum(len(v) for v in got.values())
-                print(
-                    f"  CPU per job: gateway {(cpu1[0] - cpu0[0]) / jobs * 1000:.1f} ms "
-                    f"(its jobs are 2/3 of them), service "
-                    f"{(cpu1[1] - cpu0[1]) / jobs * 1000:.1f} ms",
-                    flush=True,
-                )
+                for kind in clients:
+                    paths = Paths(client, http, url, args.steps, kind == "lean")
+                    print(f"-- HTTP client: {kind}, load {os.getloadavg()[0]:.1f}", flush=True)
+                    await point(paths, c, args.requests, observer, http, url, gateway, service)
+                    for conn in paths.connections.values():
+                        if conn.transport is not None:
+                            conn.transport.close()
             # one produce acknowledgement (linger 0, as the gateway's producer): the gateway
             # waits for two in a row (job registry, then the request), the client for one
             await create_topics(broker.bootstrap_servers, [f"scratch-{tag}"], partitions=1)
@@ -459,6 +661,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="the Kafka path's producer linger (0, as the gateway's; the Client's default is 5)",
+    )
+    parser.add_argument(
+        "--http-client",
+        default="lean",
+        help="the HTTP paths' client: lean (requests written in the caller's step), aiohttp "
+        "(as before: each request's bytes go out from a task of its own), or both, "
+        "comma-separated, measured one after the other at each concurrency",
     )
     parser.add_argument(
         "--gateway-nice",
