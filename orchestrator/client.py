@@ -44,6 +44,7 @@ from orchestrator.adapters.kafka import (
     KafkaProducerAdapter,
     KafkaSettings,
     header_str,
+    stop_client,
 )
 from orchestrator.adapters.tracing import get_tracer, producer_span
 from orchestrator.domain import GenerationRequest, JobEvent
@@ -120,7 +121,7 @@ async def tail(
             for tp in partitions:
                 await consumer.position(tp)
     except BaseException:
-        await consumer.stop()
+        await stop_client(consumer)
         raise
     return consumer, partitions
 
@@ -152,7 +153,7 @@ class ReplyWatcher:
     async def start(self) -> None:
         consumer, partitions = await tail(self.settings, self.topics, self.fetch_max_wait_ms)
         if not partitions:
-            await consumer.stop()
+            await stop_client(consumer)
             raise RuntimeError(f"none of the topics {self.topics} exist on the broker")
         self._consumer = consumer
         self._task = asyncio.create_task(self._loop())
@@ -163,7 +164,7 @@ class ReplyWatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_client(self._consumer)
 
     async def __aenter__(self) -> ReplyWatcher:
         await self.start()
@@ -280,7 +281,7 @@ class ProgressWatcher:
         consumer, partitions = await tail(self.settings, [self.topic], self.fetch_max_wait_ms)
         if not partitions:
             log.warning("progress topic %s does not exist: no progress events", self.topic)
-            await consumer.stop()
+            await stop_client(consumer)
             return
         self.available = True
         self._consumer = consumer
@@ -293,7 +294,7 @@ class ProgressWatcher:
                 await self._task
             self._task = None
         if self._consumer is not None:
-            await self._consumer.stop()
+            await stop_client(self._consumer)
             self._consumer = None
 
     def subscribe(self, request_id: str) -> _Subscription:
@@ -511,7 +512,7 @@ class Client:
         await self.producer.start()
 
     async def stop(self) -> None:
-        await self.producer.stop()
+        await stop_client(self.producer)
         if self.progress is not None:
             await self.progress.stop()
         await self.watcher.stop()

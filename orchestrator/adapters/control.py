@@ -24,7 +24,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from orchestrator.adapters.avro import AvroCodec, ControlCommandRecord
-from orchestrator.adapters.kafka import KafkaSettings
+from orchestrator.adapters.kafka import KafkaSettings, stop_client
 from orchestrator.adapters.metrics import Metrics
 from orchestrator.errors import OrchestratorError
 
@@ -142,7 +142,7 @@ class ControlListener:
             consumer.assign(tps)
             await self._seek(consumer, tps)
         except BaseException:
-            await consumer.stop()
+            await stop_client(consumer)
             raise
         self.connected.set()
         log.info("reading control topic %s (%d partitions)", self.topic, len(tps))
@@ -221,4 +221,4 @@ class ControlListener:
         consumer, self._consumer = self._consumer, None
         if consumer is not None:
             with contextlib.suppress(Exception):
-                await consumer.stop()
+                await stop_client(consumer)

@@ -39,6 +39,24 @@ from orchestrator.errors import (
 
 log = logging.getLogger(__name__)
 
+
+async def stop_client(client: Any) -> None:
+    """Stop an aiokafka consumer or producer.
+
+    With the broker gone, aiokafka's `consumer.stop()` can raise the CancelledError of its own
+    fetch task (it cancels the task while that sleeps in its retry backoff, then awaits it), and
+    everything after the stop (the producer's, the rest of a shutdown) never runs. That error
+    ends here, logged; a cancellation of the caller's own task still propagates, and so does any
+    other error."""
+    try:
+        await client.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.warning("%s stopped with its broker unreachable", type(client).__name__)
+
+
 #: the request's correlation id, copied onto its result / dead letter
 CORRELATION_ID_HEADER: Final = "correlation_id"
 #: where the requester wants the answer (overrides the default result topic)
@@ -267,7 +285,7 @@ class KafkaProducerAdapter:
         try:
             await producer.start()
         except KafkaError as exc:
-            await producer.stop()
+            await stop_client(producer)
             raise PublishError(
                 f"cannot connect producer to {self.settings.bootstrap_servers}: {exc!r}"
             ) from exc
@@ -276,7 +294,7 @@ class KafkaProducerAdapter:
     async def stop(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            await producer.stop()
+            await stop_client(producer)
 
     def _check_size(
         self,
@@ -589,7 +607,7 @@ class KafkaConsumerAdapter:
                     log.warning("final commit failed: %r", exc)
         finally:
             self._consumer = None
-            await consumer.stop()
+            await stop_client(consumer)
 
     def _require(self) -> Any:
         if self._consumer is None:

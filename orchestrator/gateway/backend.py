@@ -33,6 +33,7 @@ from orchestrator.adapters.kafka import (
     KafkaSettings,
     OutgoingRecord,
     header_str,
+    stop_client,
 )
 from orchestrator.domain import GenerationRequest
 from orchestrator.errors import PublishError
@@ -127,8 +128,8 @@ class Backend:
                 consumer.seek(tp, start)
                 self._pos[tp] = start
         except BaseException:
-            await consumer.stop()
-            await self.producer.stop()
+            await stop_client(consumer)
+            await stop_client(self.producer)
             raise
         self._consumer = consumer
         self._task = asyncio.create_task(self._loop(), name="gateway-tail")
@@ -141,8 +142,8 @@ class Backend:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         if self._consumer is not None:
-            await self._consumer.stop()
-        await self.producer.stop()
+            await stop_client(self._consumer)
+        await stop_client(self.producer)
 
     async def reachable(self, timeout_s: float = 2.0) -> bool:
         """Caught up at start, and the cluster answers a metadata request now."""
