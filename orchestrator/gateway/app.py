@@ -810,9 +810,8 @@ def create_app(
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
-    @app.api_route(
+    @app.get(
         "/v1/images/{job_id}/{index}.png",
-        methods=["GET", "HEAD"],  # HEAD: the headers alone (caches, link checkers)
         tags=["images"],
         response_class=Response,
         responses={
@@ -836,6 +835,16 @@ def create_app(
         if _etag_matches(request.headers.get("if-none-match"), cache["ETag"]):
             return Response(status_code=304, headers=cache)
         return Response(png, media_type="image/png", headers=cache)
+
+    # HEAD: the same headers without the body (caches, link checkers); kept out of the OpenAPI
+    # document, where it would repeat the GET's operation id
+    app.add_api_route(
+        "/v1/images/{job_id}/{index}.png",
+        get_image,
+        methods=["HEAD"],
+        response_class=Response,
+        include_in_schema=False,
+    )
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
