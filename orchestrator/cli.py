@@ -163,6 +163,15 @@ def _add_gateway(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     gateway.add_argument("--host", default=None, help="default: 127.0.0.1 (the host setting)")
     gateway.add_argument("--port", type=int, default=None, help="default: 8080 (the port setting)")
     gateway.add_argument("--env-file", default=None, help="settings file (ORCHESTRATOR_* lines)")
+    gateway.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="gateway processes on the one port, about one per core (default: 1, the workers "
+        "setting); see docs/gateway.md",
+    )
+    # internal: one worker of a `--workers N` gateway (binds its socket with SO_REUSEPORT)
+    gateway.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,7 +305,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "gateway":
         from orchestrator.gateway.server import serve_command
 
-        return serve_command(settings, host=args.host, port=args.port)
+        return serve_command(
+            settings,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            worker=args.worker,
+            cli_prefix=["--log-level", args.log_level] if args.log_level else [],
+            cli_args=["--env-file", args.env_file] if args.env_file else [],
+        )
     if args.command == "bench":
         from orchestrator.bench import run_bench
 

@@ -91,6 +91,14 @@ class GatewaySettings(BaseSettings):
         description="event loop of `orchestrator gateway` (auto: uvloop if installed; "
         "`orchestrator dev` runs it on its own loop)",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="processes of `orchestrator gateway`, each a full gateway (own Kafka "
+        "tail, limits and idempotency turns, like a replica) on the same port (SO_REUSEPORT: "
+        "the kernel spreads the connections); about one per core. `orchestrator dev` runs one",
+    )
     dev_key: SecretStr | None = Field(
         None, description="an extra API key allowed every route (orchestrator dev only)"
     )
