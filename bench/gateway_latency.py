@@ -35,13 +35,15 @@ this noisy machine's. Target: gateway p50 - kafka p50 <= 5 ms.
 
     .venv/bin/python bench/gateway_latency.py [--concurrency 1,32] [--requests 60] [--steps 4]
         [--http-client lean|aiohttp|aiohttp,lean] [--client-linger-ms 0] [--gateway-nice N]
-        [--gateway-env ORCHESTRATOR_GATEWAY_X=V ...]
+        [--gateway-env ORCHESTRATOR_GATEWAY_X=V ...] [--gateway-workers N]
 
 `--gateway-nice -10` runs the gateway ahead of other processes for the CPU, as a gateway on
 cores of its own would be: what it takes off the added latency is time spent waiting for a core.
 `--gateway-env` sets one of the gateway's settings (repeatable), e.g. `..._LOOP=asyncio
 ..._HTTP=h11` for the gateway as it ran before uvloop and httptools, to compare variants in
-runs one after the other. Like for like: the gateway's tail and the Kafka client's reply tail
+runs one after the other. `--gateway-workers 2` runs `orchestrator gateway --workers 2` (its
+CPU and handler times are then summed over the workers; `--gateway-nice` reaches only the first
+process, the supervisor). Like for like: the gateway's tail and the Kafka client's reply tail
 both wait 20 ms per fetch (their defaults), and the Kafka path's producer does not linger
 (`--client-linger-ms 0`, as the gateway's; the Client's default of 5 ms costs that path about
 6 ms per request here). Each added p50 comes with a 95 % bootstrap interval (the paths'
@@ -76,7 +78,12 @@ from typing import Any
 import aiohttp
 import httptools
 
-from orchestrator.adapters.child_process import free_port, spawn, stop_process_group
+from orchestrator.adapters.child_process import (
+    free_port,
+    process_tree,
+    spawn,
+    stop_process_group,
+)
 from orchestrator.adapters.kafka import CORRELATION_ID_HEADER, KafkaProducerAdapter, header_str
 from orchestrator.adapters.kafka_broker import TansuBroker, create_topics
 from orchestrator.adapters.triton_server import TritonServer
@@ -98,10 +105,15 @@ def pct(values: list[float], q: float) -> float:
     return ordered[int(q * (len(ordered) - 1))]
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_s(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds so far of a process (Linux /proc); `children`: plus its
+    children alive now (a gateway's workers)."""
+    total = 0.0
+    for one in process_tree(pid) if children else {pid}:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def child(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -393,21 +405,35 @@ def added_p50_interval(
     return diffs[int(0.025 * rounds)], diffs[int(0.975 * rounds) - 1]
 
 
-async def handler_ms(http: aiohttp.ClientSession, url: str) -> dict[str, tuple[float, float]]:
+async def handler_ms(
+    http: aiohttp.ClientSession, url: str, workers: int = 1
+) -> dict[str, tuple[float, float]]:
     """The gateway's own count and total seconds per POST route (its metrics: from the ASGI
-    call to the response's start), to tell its handlers' time from the time before them."""
-    async with http.get(f"{url}/metrics") as r:
-        text = await r.text()
+    call to the response's start), to tell its handlers' time from the time before them; summed
+    over its `workers` processes (each scrape on a new connection, until each worker answered)."""
+    texts: dict[str, str] = {}
+    for _ in range(20 * workers):
+        async with http.get(f"{url}/metrics", headers={"Connection": "close"}) as r:
+            texts[r.headers.get("X-Gateway-Replica", "")] = await r.text()
+        if len(texts) >= workers:
+            break
     out: dict[str, tuple[float, float]] = {}
-    for line in text.splitlines():
+    for replica, text in texts.items():  # each worker's POSTs, under its replica id
+        posts = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("gateway_http_request_seconds_count") and 'method="POST"' in line
+        )
+        out[f"replica {replica}"] = (posts, 0.0)
+    for line in "\n".join(texts.values()).splitlines():
         if line.startswith("gateway_http_request_seconds_") and 'method="POST"' in line:
             name, value = line.rsplit(" ", 1)
             route = name.split('route="', 1)[1].split('"', 1)[0]
             n, total = out.get(route, (0.0, 0.0))
             if name.startswith("gateway_http_request_seconds_count"):
-                out[route] = (float(value), total)
+                out[route] = (n + float(value), total)
             elif name.startswith("gateway_http_request_seconds_sum"):
-                out[route] = (n, float(value))
+                out[route] = (n, total + float(value))
     return out
 
 
@@ -455,18 +481,19 @@ async def point(
     url: str,
     gateway: subprocess.Popen[bytes],
     service: subprocess.Popen[bytes],
+    workers: int = 1,
 ) -> None:
     per_worker = max(3, (3 * requests) // c)
-    cpu0 = cpu_s(gateway.pid), cpu_s(service.pid), cpu_s(os.getpid())
-    handled0 = await handler_ms(http, url)
+    cpu0 = cpu_s(gateway.pid, True), cpu_s(service.pid), cpu_s(os.getpid())
+    handled0 = await handler_ms(http, url, workers)
     lags: list[float] = []
     lag_task = asyncio.create_task(loop_lag(lags))
     t0 = time.perf_counter()
     got = await measure(paths, c, per_worker)
     wall = time.perf_counter() - t0
     lag_task.cancel()
-    cpu1 = cpu_s(gateway.pid), cpu_s(service.pid), cpu_s(os.getpid())
-    handled1 = await handler_ms(http, url)
+    cpu1 = cpu_s(gateway.pid, True), cpu_s(service.pid), cpu_s(os.getpid())
+    handled1 = await handler_ms(http, url, workers)
     print(report(c, {p: [x[0] * 1000 for x in v] for p, v in got.items()}, "end to end"))
     split = {p: await observer.split(v) for p, v in got.items()}
     outside = {p: [a + b for a, b in v] for p, v in split.items()}
@@ -490,12 +517,16 @@ async def point(
             if v
         )
     )
-    means = []
+    means, shares = [], []
     for route, (n1, s1) in handled1.items():
         n0, s0 = handled0.get(route, (0.0, 0.0))
-        if n1 > n0:
+        if route.startswith("replica "):
+            shares.append(f"{n1 - n0:.0f}")
+        elif n1 > n0:
             means.append(f"{route} {(s1 - s0) / (n1 - n0) * 1000:.1f} ms")
     print(f"  gateway's mean time in its POST handlers: {', '.join(means)}")
+    if len(shares) > 1:
+        print(f"  POSTs per worker: {' / '.join(shares)}")
     jobs = sum(len(v) for v in got.values())
     print(
         f"  CPU per job: gateway {(cpu1[0] - cpu0[0]) / jobs * 1000:.1f} ms "
@@ -560,6 +591,8 @@ async def run(broker: TansuBroker, triton: TritonServer, args: argparse.Namespac
     if args.profile:  # cProfile writes its file when the gateway exits (on SIGINT, below)
         gateway_py = [sys.executable, "-m", "cProfile", "-o", args.profile, "-m", "orchestrator"]
     gateway_cmd = [*gateway_py, "gateway", "--port", str(port)]
+    if args.gateway_workers > 1:
+        gateway_cmd += ["--workers", str(args.gateway_workers)]
     gateway = child(gateway_cmd, gateway_env, work / "gateway.log")
     if args.gateway_nice:  # set before it starts any thread, so all of its threads have it
         os.setpriority(os.PRIO_PROCESS, gateway.pid, args.gateway_nice)
@@ -586,12 +619,23 @@ async def run(broker: TansuBroker, triton: TritonServer, args: argparse.Namespac
                 + (f"; gateway {' '.join(args.gateway_env)}" if args.gateway_env else "")
                 + f"; Kafka path linger {args.client_linger_ms} ms"
                 + (f"; gateway nice {args.gateway_nice}" if args.gateway_nice else "")
+                + f"; gateway workers {args.gateway_workers}"
             )
             for c in (int(x) for x in args.concurrency.split(",")):
                 for kind in clients:
                     paths = Paths(client, http, url, args.steps, kind == "lean")
                     print(f"-- HTTP client: {kind}, load {os.getloadavg()[0]:.1f}", flush=True)
-                    await point(paths, c, args.requests, observer, http, url, gateway, service)
+                    await point(
+                        paths,
+                        c,
+                        args.requests,
+                        observer,
+                        http,
+                        url,
+                        gateway,
+                        service,
+                        args.gateway_workers,
+                    )
                     for conn in paths.connections.values():
                         if conn.transport is not None:
                             conn.transport.close()
@@ -675,6 +719,13 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="the gateway's nice value (below 0 needs root): how much of its added latency is "
         "waiting for a core on a loaded machine",
+    )
+    parser.add_argument(
+        "--gateway-workers",
+        type=int,
+        default=1,
+        help="the gateway's worker processes (its --workers; CPU and handler times are summed "
+        "over them)",
     )
     parser.add_argument(
         "--gateway-env",
