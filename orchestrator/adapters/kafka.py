@@ -333,9 +333,7 @@ class KafkaProducerAdapter:
         except KafkaError as exc:
             raise publish_error(topic, exc) from exc
         except TimeoutError as exc:
-            raise PublishError(
-                f"timed out waiting for acknowledgement from {topic}", stage="publish"
-            ) from exc
+            raise _timed_out(topic) from exc
 
     async def publish_together(
         self, records: Sequence[OutgoingRecord], timeout_s: float

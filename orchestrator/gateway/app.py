@@ -108,7 +108,7 @@ class _Refused(Exception):
 
 
 def _to_request(
-    body: GenerationBody, job_id: str, settings: Settings, size_multiple: int = 8
+    body: GenerationBody, job_id: str, settings: Settings, size_multiple: int
 ) -> GenerationRequest:
     """The service's request, checked against the service's limits and the model's size unit
     (ValidationError)."""
