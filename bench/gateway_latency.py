@@ -79,6 +79,7 @@ import aiohttp
 import httptools
 
 from orchestrator.adapters.child_process import (
+    cpu_seconds,
     free_port,
     process_tree,
     spawn,
@@ -106,14 +107,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 def cpu_s(pid: int, children: bool = False) -> float:
-    """User + system CPU seconds so far of a process (Linux /proc); `children`: plus its
-    children alive now (a gateway's workers)."""
-    total = 0.0
-    for one in process_tree(pid) if children else {pid}:
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            fields = Path(f"/proc/{one}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+    """User + system CPU seconds so far of a process; `children`: plus its descendants alive
+    now (a gateway's workers)."""
+    return cpu_seconds(process_tree(pid) if children else {pid})
 
 
 def child(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -214,7 +210,7 @@ class Lean(asyncio.Protocol):
             raise self.error
 
 
-def outcome_of(stream: bytes) -> str | None:
+def outcome_of(stream: bytes | bytearray) -> str | None:
     """The status in an events stream's `outcome` event, once it has come whole."""
     at = stream.find(b"event: outcome\ndata: ")
     if at < 0:

@@ -60,6 +60,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
+import psutil
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
@@ -67,6 +68,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.grpc import service_pb2
 from tritonclient.utils import np_to_triton_dtype
 
+from orchestrator.adapters.child_process import cpu_seconds
 from orchestrator.adapters.triton import TritonClient
 from orchestrator.adapters.triton_server import TritonServer
 from orchestrator.adapters.triton_shm import RESIDENT_INPUTS, cast, cast_into
@@ -735,28 +737,14 @@ def client_pieces(cell: Cell, inputs: Arrays, jobs: int = 16) -> dict[str, float
     }
 
 
-def _cpu_ms(pid: int) -> float:
-    """User + system CPU time of a process so far (ms), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
-
-
 def cpu_by_process(server_pid: int | None) -> dict[str, float]:
     """CPU time so far (ms) of this process, tritonserver and its Python-backend stubs."""
-    out = {"client (this process)": _cpu_ms(os.getpid())}
+    out = {"client (this process)": cpu_seconds([os.getpid()]) * 1e3}
     if server_pid is not None:
-        with contextlib.suppress(OSError):
-            out["tritonserver (gRPC frontend, core, backend)"] = _cpu_ms(server_pid)
-            out["Python-backend stubs"] = sum(_cpu_ms(c) for c in _children(server_pid))
+        with contextlib.suppress(psutil.NoSuchProcess):
+            stubs = [c.pid for c in psutil.Process(server_pid).children()]
+            out["tritonserver (gRPC frontend, core, backend)"] = cpu_seconds([server_pid]) * 1e3
+            out["Python-backend stubs"] = cpu_seconds(stubs) * 1e3
     return out
 
 

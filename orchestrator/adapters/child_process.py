@@ -166,6 +166,16 @@ def process_tree(pid: int) -> set[int]:
         return set()
 
 
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU seconds so far of these processes, together (those gone count 0)."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+    return total
+
+
 def foreign_listeners(pid: int, port: int) -> list[PortHolder] | None:
     """None if process `pid` (or one of its children) listens on `port` and nobody else does;
     otherwise the other listeners (an empty list: nobody listens yet)."""
