@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import socket
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from orchestrator.adapters.child_process import free_port
 from orchestrator.adapters.kafka_broker import TansuBroker
 from orchestrator.adapters.triton_server import TritonServer
 from orchestrator.bench import RpcTimer, Send, closed_loop, ensure_models, kafka_sender
@@ -97,12 +97,6 @@ async def open_loop(
     sent_wall = time.perf_counter() - start
     await asyncio.gather(*tasks)
     return Overload(n, n / sent_wall, time.perf_counter() - start, marked, others, failed)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def scrape(port: int) -> dict[tuple[str, str], float]:

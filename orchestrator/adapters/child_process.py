@@ -25,6 +25,7 @@ group when this process dies.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -45,11 +46,26 @@ _spawner: concurrent.futures.ThreadPoolExecutor | None = None
 _spawner_lock = threading.Lock()
 
 
+_handed_out: collections.deque[int] = collections.deque(maxlen=4096)
+_handed_out_lock = threading.Lock()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` now (the child process binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port free on `host` now (the child process binds it a moment later).
+
+    The kernel may give the same ephemeral port to two probes in a row, since each probe closes
+    its socket before anyone binds the port: one server then got the same number for its HTTP and
+    metrics ports. So a port this process handed out lately is never handed out again.
+    """
+    with _handed_out_lock:
+        for _ in range(64):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((host, 0))
+                port = int(sock.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.append(port)
+                return port
+    raise OSError(errno.EADDRINUSE, f"no fresh free TCP port on {host} after 64 tries")
 
 
 # -- who holds a port ----------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from orchestrator.adapters import child_process
 from orchestrator.adapters.child_process import (
     GroupGuard,
     PortClaim,
@@ -266,3 +268,29 @@ def test_foreign_listeners_tells_ours_from_theirs(listener: socket.socket) -> No
 def test_spawn_refuses_to_be_told_how_to_start() -> None:
     with pytest.raises(TypeError):
         spawn(["true"], start_new_session=False)
+
+
+def test_free_port_never_hands_out_a_recent_port_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may give two probes in a row the same ephemeral port (CI saw one tritonserver
+    get the same number for its HTTP and metrics ports); free_port must not pass that on."""
+    kernel_picks = iter([47001, 47001, 47001, 47002, 47001, 47003])
+
+    class Probe:
+        def __init__(self, *args: object) -> None:
+            self.port = 0
+
+        def __enter__(self) -> Probe:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def bind(self, address: tuple[str, int]) -> None:
+            self.port = next(kernel_picks)
+
+        def getsockname(self) -> tuple[str, int]:
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(socket, "socket", Probe)
+    monkeypatch.setattr(child_process, "_handed_out", collections.deque(maxlen=4096))
+    assert [free_port(), free_port(), free_port()] == [47001, 47002, 47003]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import socket
 import ssl
 import struct
 import time
@@ -28,6 +27,7 @@ from orchestrator.adapters.avro import (
     frame,
     make_codec,
 )
+from orchestrator.adapters.child_process import free_port
 from orchestrator.adapters.schema_registry import (
     HttpSchemaRegistry,
     LocalSchemaDirectory,
@@ -62,12 +62,6 @@ async def server() -> AsyncIterator[RegistryServer]:
 def client(server: RegistryServer, **kwargs: object) -> HttpSchemaRegistry:
     options: dict[object, object] = {"username": USER, "password": PASSWORD, **kwargs}
     return HttpSchemaRegistry(server.url, **options)  # type: ignore[arg-type]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_register_and_look_up_with_basic_auth(server: RegistryServer) -> None:
