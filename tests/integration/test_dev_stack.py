@@ -30,7 +30,7 @@ from orchestrator.adapters.child_process import (
     stop_process_group,
 )
 from orchestrator.adapters.kafka_broker import BrokerStartError, TansuBroker
-from orchestrator.adapters.triton_server import TritonServer, TritonServerError
+from orchestrator.adapters.triton_server import SHM_DIR, TritonServer, TritonServerError
 
 pytestmark = pytest.mark.integration
 
@@ -151,6 +151,28 @@ def wait_all_gone(processes: list[psutil.Process], ports: dict[str, int], timeou
         time.sleep(0.1)
 
 
+def triton_shm_prefixes(processes: list[psutil.Process]) -> list[str]:
+    """The /dev/shm region prefixes of the tritonservers among `processes` (read while they
+    run: a dead process has no command line)."""
+    prefixes = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.name() == "tritonserver":
+                for arg in process.cmdline():
+                    _, found, prefix = arg.partition("shm-region-prefix-name=")
+                    if found and prefix:
+                        prefixes.append(prefix)
+    return prefixes
+
+
+def remove_shm(prefixes: list[str]) -> None:
+    """Unlink what a SIGKILLed tritonserver's Python stubs left in /dev/shm (nobody else can:
+    the server that would have is gone), so a test run leaves no regions behind."""
+    for prefix in prefixes:
+        for region in SHM_DIR.glob(f"{prefix}*"):
+            region.unlink(missing_ok=True)
+
+
 async def one_request(bootstrap_servers: str) -> None:
     from orchestrator.client import Client
     from orchestrator.config import Settings
@@ -182,10 +204,13 @@ def test_sigkilled_dev_leaves_nothing_and_restarts_on_the_same_ports(
     assert any(n.startswith("tansu") for n in names), names
     assert "tritonserver" in names, names
     assert "triton_python_backend_stub" in names, names  # the grandchildren are watched too
+    killed_shm = triton_shm_prefixes(tree)
+    assert len(killed_shm) == 1, killed_shm
 
     os.kill(first.process.pid, signal.SIGKILL)
     assert first.finish(10) == -signal.SIGKILL
     wait_all_gone(tree, ports, timeout=10)
+    remove_shm(killed_shm)
 
     second = Dev(tiny_models, tmp_path / "dev", ports)
     devs.append(second)
@@ -220,6 +245,7 @@ def test_parent_killed_while_triton_loads_leaves_no_stub(tiny_models: Path, tmp_
     )
     seen: dict[int, psutil.Process] = {}
     stubs: set[int] = set()
+    killed_shm: list[str] = []
     try:
         deadline = time.monotonic() + 120
         while len(stubs) < 8:
@@ -231,6 +257,8 @@ def test_parent_killed_while_triton_loads_leaves_no_stub(tiny_models: Path, tmp_
                     if child.name() == "triton_python_backend_stub":
                         stubs.add(child.pid)
             time.sleep(0.05)
+        killed_shm = triton_shm_prefixes(list(seen.values()))
+        assert len(killed_shm) == 1, killed_shm
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait(10)
         wait_all_gone(list(seen.values()), {}, timeout=5)
@@ -239,6 +267,7 @@ def test_parent_killed_while_triton_loads_leaves_no_stub(tiny_models: Path, tmp_
         for process in seen.values():
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
+        remove_shm(killed_shm)
 
 
 HOLDER = textwrap.dedent(
