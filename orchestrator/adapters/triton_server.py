@@ -45,6 +45,14 @@ SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "triton_python_backend_shm_region_"
 
 
+def remove_shm_regions(prefix: str) -> None:
+    """Unlink the /dev/shm regions of the tritonserver started with `prefix` as its Python
+    backend's shm-region-prefix-name; only once it and its stubs are gone (a SIGKILLed server's
+    stubs cannot unlink them themselves)."""
+    for region in SHM_DIR.glob(f"{prefix}*"):
+        region.unlink(missing_ok=True)
+
+
 class TritonServerError(RuntimeError):
     """tritonserver could not be found, did not start, or died; the message holds its log tail."""
 
@@ -306,8 +314,7 @@ class TritonServer:
         self._process = None
         self._close_log()
         # the whole group is gone: nothing maps this server's regions any more
-        for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
-            region.unlink(missing_ok=True)
+        remove_shm_regions(self.shm_prefix)
         return code
 
     def _close_log(self) -> None:

@@ -204,7 +204,7 @@ class BodyLimit:
                 except ValueError:
                     declared = -1
                 if declared < 0 or declared > self.limit:
-                    await self._too_large(scope, receive, send)
+                    await self._too_large()(scope, receive, send)
                     return
         seen = 0
         started = False
@@ -227,18 +227,11 @@ class BodyLimit:
             await self.app(scope, counted, tracked)
         except _TooLarge:
             if not started:
-                await self._too_large(scope, receive, send)
+                await self._too_large()(scope, receive, send)
 
-    async def _too_large(
-        self,
-        scope: MutableMapping[str, Any],
-        receive: Callable[[], Awaitable[MutableMapping[str, Any]]],
-        send: Callable[[MutableMapping[str, Any]], Awaitable[None]],
-    ) -> None:
-        response = JSONResponse(
-            status_code=413, content={"detail": f"body over {self.limit} bytes"}
-        )
-        await response(scope, receive, send)
+    def _too_large(self) -> JSONResponse:
+        """The 413, built only when it is sent (not for every request)."""
+        return JSONResponse(status_code=413, content={"detail": f"body over {self.limit} bytes"})
 
 
 class RouteMetrics:

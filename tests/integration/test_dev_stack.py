@@ -30,7 +30,11 @@ from orchestrator.adapters.child_process import (
     stop_process_group,
 )
 from orchestrator.adapters.kafka_broker import BrokerStartError, TansuBroker
-from orchestrator.adapters.triton_server import SHM_DIR, TritonServer, TritonServerError
+from orchestrator.adapters.triton_server import (
+    TritonServer,
+    TritonServerError,
+    remove_shm_regions,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -113,10 +117,7 @@ def devs() -> Iterator[list[Dev]]:
 
 
 def distinct_free_ports() -> dict[str, int]:
-    ports: dict[str, int] = {}
-    while len(set(ports.values())) < len(FLAGS):
-        ports = {flag: free_port() for flag in FLAGS}
-    return ports
+    return {flag: free_port() for flag in FLAGS}  # free_port never repeats a recent port
 
 
 def claims(ports: dict[str, int]) -> list[PortClaim]:
@@ -165,14 +166,6 @@ def triton_shm_prefixes(processes: list[psutil.Process]) -> list[str]:
     return prefixes
 
 
-def remove_shm(prefixes: list[str]) -> None:
-    """Unlink what a SIGKILLed tritonserver's Python stubs left in /dev/shm (nobody else can:
-    the server that would have is gone), so a test run leaves no regions behind."""
-    for prefix in prefixes:
-        for region in SHM_DIR.glob(f"{prefix}*"):
-            region.unlink(missing_ok=True)
-
-
 async def one_request(bootstrap_servers: str) -> None:
     from orchestrator.client import Client
     from orchestrator.config import Settings
@@ -210,7 +203,8 @@ def test_sigkilled_dev_leaves_nothing_and_restarts_on_the_same_ports(
     os.kill(first.process.pid, signal.SIGKILL)
     assert first.finish(10) == -signal.SIGKILL
     wait_all_gone(tree, ports, timeout=10)
-    remove_shm(killed_shm)
+    for prefix in killed_shm:
+        remove_shm_regions(prefix)
 
     second = Dev(tiny_models, tmp_path / "dev", ports)
     devs.append(second)
@@ -267,7 +261,8 @@ def test_parent_killed_while_triton_loads_leaves_no_stub(tiny_models: Path, tmp_
         for process in seen.values():
             with contextlib.suppress(psutil.NoSuchProcess):
                 process.kill()
-        remove_shm(killed_shm)
+        for prefix in killed_shm:
+            remove_shm_regions(prefix)
 
 
 HOLDER = textwrap.dedent(
