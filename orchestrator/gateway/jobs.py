@@ -166,29 +166,32 @@ class JobBook:
         return reg
 
     def progress(self, event: Progress) -> Job:
-        """Move the job along by a progress event, kept for its events stream. An event read
-        after the job ended is dropped: the service sends `finished` once the result is
-        acknowledged, so it often comes after the answer; kept, it would take the id the stream
-        already gave the outcome, and a client resuming from the outcome's id would get the
-        outcome again instead of a 204."""
+        """Move the job along by a progress event, kept for its events stream. A `finished`
+        event read after the job ended is dropped: the service sends it once the result is
+        acknowledged, so it often comes after the answer, and it says nothing the outcome does
+        not; kept, it would take the id the stream already gave the outcome, and a client
+        resuming from the outcome's id would get the outcome again instead of a 204. Other
+        events read late (a restarted replica reading the topics in its own order) are kept:
+        they are the job's history."""
         job = self._job(event.request_id)
-        if job.terminal:
+        if job.terminal and event.event == JobEvent.FINISHED:
             return job
         job.events.append(SseEvent(len(job.events) + 1, event))
-        if event.event == JobEvent.QUEUED:
-            job.queue_position = event.queue_position
-        elif event.event in (JobEvent.STARTED, JobEvent.STEP):
-            job.status = RUNNING
-            job.queue_position = None
-            if job.started_ms is None:
-                job.started_ms = event.timestamp_ms
-            job.step = max(job.step, event.step)
-            job.steps = event.steps or job.steps
-        elif event.event == JobEvent.FAILED:
-            # advisory: the dead letter is the answer, but the event says it first
-            self._finish(job, FAILED, event.timestamp_ms, event.reason, event.message)
-        elif event.event == JobEvent.CANCELLED:
-            self._finish(job, CANCELLED, event.timestamp_ms, "cancelled", event.message)
+        if not job.terminal:
+            if event.event == JobEvent.QUEUED:
+                job.queue_position = event.queue_position
+            elif event.event in (JobEvent.STARTED, JobEvent.STEP):
+                job.status = RUNNING
+                job.queue_position = None
+                if job.started_ms is None:
+                    job.started_ms = event.timestamp_ms
+                job.step = max(job.step, event.step)
+                job.steps = event.steps or job.steps
+            elif event.event == JobEvent.FAILED:
+                # advisory: the dead letter is the answer, but the event says it first
+                self._finish(job, FAILED, event.timestamp_ms, event.reason, event.message)
+            elif event.event == JobEvent.CANCELLED:
+                self._finish(job, CANCELLED, event.timestamp_ms, "cancelled", event.message)
         self._changed(job)
         return job
 
